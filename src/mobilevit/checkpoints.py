@@ -131,9 +131,9 @@ def infer_arch(state: dict[str, Tensor]) -> str | None:
 def shape_mismatches(state: dict[str, Tensor], model_state: dict[str, Tensor]) -> list[str]:
     """Keys (classifier excluded) whose shapes differ between a checkpoint and a model."""
     return [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
-        for k, v in state.items()
-        if not k.startswith("fc.") and k in model_state and v.shape != model_state[k].shape
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in model_state.items()
+        if not k.startswith("fc.") and k in state and state[k].shape != v.shape
     ]
 
 
@@ -200,6 +200,8 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "unsupported global" not in str(e).lower():
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?)") from e
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled Python objects other than tensors, which could run code. "
             f"Re-save it as a plain state dict or safetensors ({str(e).splitlines()[0]})"

@@ -1,0 +1,54 @@
+"""Shared fixtures: reference models from peer libraries (test-only dependencies) with random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+VARIANT_HF = {  # Hugging Face config fields of the three variants
+    "mobilevit_xxs": dict(hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320], expand_ratio=2.0),
+    "mobilevit_xs": dict(hidden_sizes=[96, 120, 144], neck_hidden_sizes=[16, 32, 48, 64, 80, 96, 384]),
+    "mobilevit_s": dict(hidden_sizes=[144, 192, 240], neck_hidden_sizes=[16, 32, 64, 96, 128, 160, 640]),
+}
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every tensor random, well-scaled values (incl. BN statistics) so outputs differ per class."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.dtype.is_floating_point:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.ndim == 1:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (1.0 if _is_norm_weight(model, name) else 0.0))
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+    return model.eval()
+
+
+def _is_norm_weight(model: nn.Module, key: str) -> bool:
+    module_name, _, param = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    return param == "weight" and isinstance(module, (nn.BatchNorm2d, nn.LayerNorm))
+
+
+@pytest.fixture(scope="session")
+def timm_model():
+    """``timm_model(name)`` -> a random-weight timm MobileViT in eval mode."""
+    timm = pytest.importorskip("timm")
+    return lambda name, seed=0: randomize(timm.create_model(name), seed)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """``hf_model(name)`` -> a random-weight transformers MobileViTForImageClassification (BGR input)."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(name: str, seed: int = 0, **kw):
+        cfg = transformers.MobileViTConfig(**VARIANT_HF[name], num_labels=kw.pop("num_labels", 1000), **kw)
+        return randomize(transformers.MobileViTForImageClassification(cfg), seed)
+
+    return build
