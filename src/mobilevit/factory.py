@@ -37,10 +37,10 @@ def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     return path, {}
 
 
-def load_checkpoint(weights: str | os.PathLike) -> Checkpoint:
-    """Read weights given by known name, URL or local path (any supported layout)."""
+def load_checkpoint(weights: str | os.PathLike, layout: str | None = None) -> Checkpoint:
+    """Read weights given by known name, URL or local path (layout detected unless given)."""
     path, meta = resolve_weights(weights)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, layout)
     ckpt.meta = meta | ckpt.meta
     return ckpt
 

@@ -115,8 +115,8 @@ def download(url: str, sha256: str | None = None, *, dest_dir: Path | None = Non
                         bar.update(len(chunk))
         except (urllib.error.URLError, OSError) as e:
             raise ConnectionError(
-                f"could not download {url}: {e}. Download it yourself and pass the local path as weights=..., "
-                "or set MOBILEVIT_WEIGHTS_MIRROR to a folder URL holding the file"
+                f"could not download {url}: {e}. Download the file yourself and give its local path as the weights, "
+                "or set MOBILEVIT_WEIGHTS_MIRROR to a base URL (e.g. file:///data/weights/) holding it"
             ) from e
     actual = sha256_file(dest)
     if expected is None:

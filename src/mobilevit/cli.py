@@ -1,0 +1,358 @@
+"""The ``mobilevit`` command: list the models, classify images, convert checkpoints between ecosystems."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoints import WRITABLE, CheckpointError, save_checkpoint
+from .factory import create_model, list_models, load_checkpoint, model_categories, model_transform
+from .flops import count_macs, count_params
+from .layouts import LAYOUTS
+from .weights import get_weights, list_weights
+
+#: File suffixes (lower case) that ``predict`` picks up when walking a directory.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+#: Errors of the library that the command reports as ``error: <message>`` (exit code 2), without a traceback.
+#: ``OSError`` covers ``FileNotFoundError``, ``ConnectionError`` and permission problems; ``CheckpointError``
+#: is a ``ValueError``.
+USER_ERRORS = (CheckpointError, ValueError, OSError)
+
+EXIT_OK, EXIT_NOTHING_PREDICTED, EXIT_ERROR = 0, 1, 2
+_META_KEYS = ("categories", "preprocess")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: keep argparse's message, return its code
+        return EXIT_OK if e.code is None else e.code if isinstance(e.code, int) else EXIT_ERROR
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except BrokenPipeError:  # e.g. `mobilevit predict ... | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_NOTHING_PREDICTED
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Library warnings as one ``warning: ...`` line on stderr, without a source line."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mobilevit",
+        description="MobileViT v1: list the models, classify images, convert checkpoints between ecosystems.",
+        epilog="Exit codes: 0 success; 1 predict read no image; 2 error (bad arguments, unreadable checkpoint, "
+        "failed download).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "models",
+        help="parameters, MACs and known pretrained weights of every model",
+        description="A table of every model: parameters, MACs of one forward pass at --size (counted as fvcore "
+        "does: convolutions, linear layers, attention matmuls, norms; 1 MAC = 1 flop) and the known pretrained "
+        "weights with their published ImageNet-1k top-1 / top-5.",
+    )
+    p.add_argument("--size", type=_positive_int, default=256, help="square input size for MACs (default 256)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of objects instead of the table")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify images (files or directories)",
+        description="Classify images with a MobileViT. Directories are walked recursively for "
+        f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files (any case). Images that cannot be read are reported on "
+        "stderr as 'skipped PATH: REASON' and left out. Exit code 0 when at least one image was classified, "
+        "1 when none was.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories")
+    p.add_argument(
+        "--model",
+        choices=list_models(),
+        default=None,
+        help="architecture (default: the checkpoint's with --weights, else mobilevit_s)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="known weights name (see `mobilevit models`), URL, checkpoint file or Hugging Face directory; "
+        "without it the model is randomly initialised and its predictions are meaningless",
+    )
+    p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding processes (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='JSON Lines on stdout: one object per image, {"path": ..., "topk": [{"index": int, "label": str, '
+        '"probability": float}, ...]} with probabilities in decreasing order',
+    )
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint between ecosystems",
+        description="Read any supported checkpoint (our format, timm, Apple ml-cvnets, Hugging Face directory, "
+        "mmpretrain; layout detected from its keys) and write it in another layout. Our format (default) is one "
+        ".safetensors file that also keeps the class names and eval preprocessing; hf writes a directory "
+        "(class names kept as id2label); timm, cvnets and mmpretrain keep the tensors only.",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint file, Hugging Face directory, URL or known weights name")
+    p.add_argument("dst", metavar="DST", help="output file (directory for --to hf)")
+    p.add_argument("--to", choices=list(WRITABLE), default="mobilevit", help="layout to write (default mobilevit)")
+    p.add_argument(
+        "--layout-in", choices=list(LAYOUTS), default=None, help="layout of SRC (default: detected from its keys)"
+    )
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def model_rows(size: int = 256) -> list[dict[str, Any]]:
+    """Parameters, MACs at ``size`` x ``size`` and known weights of every model."""
+    rows = []
+    for name in list_models():
+        model = create_model(name)
+        weights = []
+        for w in map(get_weights, list_weights(name)):
+            top = {k.rsplit("/", 1)[-1]: v for k, v in w.metrics.items()}
+            weights.append({"name": w.name, "top1": top.get("top1"), "top5": top.get("top5"), "url": w.url})
+        rows.append(
+            {
+                "name": name,
+                "params": count_params(model),
+                "macs": count_macs(model, (size, size)),
+                "input_size": [size, size],
+                "weights": weights,
+            }
+        )
+    return rows
+
+
+def _format_macs(macs: int) -> str:
+    return f"{macs / 1e9:.2f} G" if macs >= 1e8 else f"{macs / 1e6:.1f} M"
+
+
+def _format_weights(w: dict[str, Any]) -> str:
+    scores = " / ".join(f"{w[k]:.1f}" for k in ("top1", "top5") if w[k] is not None)
+    return f"{w['name']} ({scores})" if scores else w["name"]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = model_rows(args.size)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table = [["model", "params", f"MACs@{args.size}", "pretrained weights (ImageNet-1k top-1 / top-5)"]]
+    for r in rows:
+        names = [_format_weights(w) for w in r["weights"]] or ["-"]
+        table.append([r["name"], f"{r['params']:,}", _format_macs(r["macs"]), names[0]])
+        table += [["", "", "", n] for n in names[1:]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    align = [str.ljust, str.rjust, str.rjust, str.ljust]
+    for row in table:
+        print("  ".join(a(cell, w) for a, cell, w in zip(align, row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------- predict
+
+
+def find_images(inputs: Sequence[str | os.PathLike], warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Files to classify: files as given (existing or not), directories walked recursively for images.
+
+    Missing paths are kept so that reading them reports them as skipped; ``warn`` is told about
+    directories without any image. Duplicates are dropped, order is kept (directories sorted).
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images and warn:
+                warn(f"warning: no image files ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+            found += images
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def open_image(path: Path) -> Image.Image:
+    """Fully decode ``path`` as an RGB image, applying its EXIF orientation."""
+    if not path.exists():
+        raise FileNotFoundError("no such file or directory")
+    if path.is_dir():
+        raise IsADirectoryError("is a directory")
+    with Image.open(path) as img:
+        img.load()  # decode now: truncated or corrupt data raises here, not later
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """``(index, tensor, None)`` per readable file, ``(index, None, reason)`` per unreadable one."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Image.Image], Tensor]):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
+        try:
+            return index, self.transform(open_image(self.paths[index])), None
+        except UnidentifiedImageError:
+            return index, None, "not a readable image (unknown format or corrupt header)"
+        except Exception as e:  # any decoder failure skips this one image, never the batch
+            return index, None, str(e) or type(e).__name__
+
+
+def collate_images(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[list[int], Tensor | None, list]:
+    """Stack the readable images; pass the unreadable ones' ``(index, reason)`` along."""
+    ok = [(i, t) for i, t, _ in items if t is not None]
+    failed = [(i, reason) for i, t, reason in items if t is None]
+    batch = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], batch, failed
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid --device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    def warn(message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    device = _device(args.device)
+    arch = args.model
+    if arch is None:
+        arch = (load_checkpoint(args.weights).arch if args.weights else None) or "mobilevit_s"
+    model = create_model(arch, weights=args.weights).eval().to(device)
+    if model.num_classes == 0:
+        raise ValueError(f"{args.weights} has no classifier (num_classes=0): nothing to predict")
+    if args.weights is None:
+        warn(
+            f"warning: no --weights given, {arch} is randomly initialised: its predictions are meaningless. "
+            f"Pass --weights {(list_weights(arch) or ['PATH'])[0]} or a checkpoint file."
+        )
+    categories = model_categories(model)
+    topk = min(args.topk, model.num_classes)
+
+    paths = find_images(args.inputs, warn)
+    if not paths:
+        print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
+        return EXIT_NOTHING_PREDICTED
+    loader = DataLoader(
+        ImageFiles(paths, model_transform(model)),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+    )
+    predicted = skipped = 0
+    with tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, disable=None) as bar:
+        for indices, batch, failed in loader:
+            for i, reason in failed:
+                warn(f"skipped {paths[i]}: {reason}")
+            skipped += len(failed)
+            if batch is not None:
+                with torch.inference_mode():
+                    probs = model(batch.to(device, non_blocking=True)).float().softmax(dim=-1)
+                top_p, top_i = (t.cpu().tolist() for t in probs.topk(topk, dim=-1))
+                for i, ps, cs in zip(indices, top_p, top_i, strict=True):
+                    preds = [
+                        {"index": c, "label": categories[c], "probability": p} for p, c in zip(ps, cs, strict=True)
+                    ]
+                    tqdm.write(_format_prediction(paths[i], preds, args.json), file=sys.stdout)
+                predicted += len(indices)
+            bar.update(len(indices) + len(failed))
+    if not predicted:
+        print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
+        return EXIT_NOTHING_PREDICTED
+    if skipped:
+        warn(f"{predicted} image(s) classified, {skipped} skipped")
+    return EXIT_OK
+
+
+def _format_prediction(path: Path, preds: list[dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"path": str(path), "topk": preds}, ensure_ascii=False)
+    return "\n".join([str(path), *(f"  {100 * p['probability']:6.2f}%  {p['label']}" for p in preds)])
+
+
+# --------------------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    ckpt = load_checkpoint(args.src, layout=args.layout_in)
+    c = ckpt.config
+    print(
+        f"read {args.src}: {ckpt.layout} layout, {ckpt.arch or 'non-standard MobileViT'}, "
+        f"{c.num_classes} classes, {len(ckpt.state_dict)} tensors"
+    )
+    meta = {k: ckpt.meta[k] for k in _META_KEYS if ckpt.meta.get(k)}
+    if len(meta.get("categories", [])) != c.num_classes:
+        meta.pop("categories", None)
+    dst = save_checkpoint(ckpt.state_dict, c, args.dst, layout=args.to, arch=ckpt.arch, meta=meta)
+    kept = {"mobilevit": set(_META_KEYS), "hf": {"categories"}}.get(args.to, set())
+    lost = [k for k in meta if k not in kept]
+    print(f"wrote {dst} ({args.to} layout)" + (f"; not stored in this layout: {', '.join(lost)}" if lost else ""))
+    return EXIT_OK
+
+
+__all__ = ["IMAGE_SUFFIXES", "build_parser", "find_images", "main", "model_rows", "open_image"]
