@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .config import VARIANTS, MobileViTConfig
 from .layouts import CHANNEL_ORDER, LAYOUTS, OPTIONAL_SUFFIXES, expected_keys, flip_stem_channels, from_ours, to_ours
+from .model import MobileViT
 
 FORMAT_NAME = "mobilevit"
 FORMAT_VERSION = "1"
@@ -112,8 +113,6 @@ def _num_classes(state: dict[str, Tensor]) -> int:
 
 @functools.cache
 def _variant_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    from .model import MobileViT
-
     with torch.device("meta"):
         model = MobileViT(VARIANTS[arch])
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
