@@ -63,7 +63,7 @@ def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Check
     depths = config.transformer_depths if config else (2, 4, 3)
     _check_keys(raw, layout, depths, path)
     state = to_ours(raw, layout, depths)
-    if meta.get("channel_order", CHANNEL_ORDER[layout]) == "BGR":
+    if CHANNEL_ORDER[layout] == "BGR":
         state = flip_stem_channels(state)
     arch = meta.get("arch") or infer_arch(state)
     if config is None:
