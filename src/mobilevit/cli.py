@@ -279,10 +279,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tqdm.write(message, file=sys.stderr)
 
     device = _device(args.device)
-    arch = args.model
-    if arch is None:
-        arch = (load_checkpoint(args.weights).arch if args.weights else None) or "mobilevit_s"
-    model = create_model(arch, weights=args.weights).eval().to(device)
+    ckpt = load_checkpoint(args.weights) if args.weights else None
+    arch = args.model or (ckpt.arch if ckpt else None) or "mobilevit_s"
+    model = create_model(arch, weights=ckpt).eval().to(device)
     if model.num_classes == 0:
         raise ValueError(f"{args.weights} has no classifier (num_classes=0): nothing to predict")
     if args.weights is None:

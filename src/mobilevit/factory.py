@@ -41,14 +41,14 @@ def load_checkpoint(weights: str | os.PathLike, layout: str | None = None) -> Ch
     """Read weights given by known name, URL or local path (layout detected unless given)."""
     path, meta = resolve_weights(weights)
     ckpt = read_checkpoint(path, layout)
-    ckpt.meta = meta | ckpt.meta
+    ckpt.meta = meta | ckpt.meta | {"source": str(weights)}
     return ckpt
 
 
 def create_model(
     name: str,
     *,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | Checkpoint | None = None,
     num_classes: int | None = None,
     **overrides: Any,
 ) -> MobileViT:
@@ -57,7 +57,8 @@ def create_model(
     Args:
         name: architecture, see :func:`list_models`.
         weights: a known name (``"mobilevit_s.cvnets_in1k"``), a URL, or a local checkpoint file /
-            Hugging Face directory in any supported layout (detected automatically).
+            Hugging Face directory in any supported layout (detected automatically), or a
+            :class:`Checkpoint` already read with :func:`load_checkpoint`.
         num_classes: classifier size. Defaults to the checkpoint's (or 1000). When it differs from
             the checkpoint's, the backbone is loaded and a fresh classifier is created (fine-tuning).
         overrides: other :class:`~mobilevit.config.MobileViTConfig` fields, e.g.
@@ -65,7 +66,7 @@ def create_model(
     """
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
-    ckpt = load_checkpoint(weights) if weights is not None else None
+    ckpt = weights if isinstance(weights, Checkpoint) or weights is None else load_checkpoint(weights)
     if num_classes is None:
         num_classes = ckpt.config.num_classes if ckpt else 1000
     config = VARIANTS[name].replace(num_classes=num_classes, **overrides)
@@ -73,7 +74,7 @@ def create_model(
         config = config.replace(patch_sizes=ckpt.config.patch_sizes)
     model = MobileViT(config)
     if ckpt is not None:
-        load_into(model, ckpt, str(weights))
+        load_into(model, ckpt, ckpt.meta.get("source", "checkpoint"))
     return model
 
 
