@@ -334,3 +334,31 @@ def test_unreachable_url_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEVIT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConnectionError, match="MOBILEVIT_WEIGHTS_MIRROR"):
         mv.weights.download((tmp_path / "missing.pt").as_uri())
+
+
+@pytest.mark.parametrize("name, arch", [("mobilevit_xxs", "xx_small"), ("mobilevit_s", "small")])
+def test_real_mmpretrain_model_parity(tmp_path, name, arch):
+    """Against mmpretrain's own MobileViT (BGR input, as its configs use), not renamed keys."""
+    pytest.importorskip("mmpretrain")
+    from mmpretrain.models import build_classifier
+
+    from conftest import randomize
+
+    channels = {"xx_small": 320, "small": 640}[arch]
+    ref = build_classifier(
+        dict(
+            type="ImageClassifier",
+            backbone=dict(type="MobileViT", arch=arch),
+            neck=dict(type="GlobalAveragePooling"),
+            head=dict(type="LinearClsHead", num_classes=1000, in_channels=channels),
+        )
+    )
+    randomize(ref)
+    torch.save({"meta": {}, "state_dict": ref.state_dict()}, tmp_path / "mm.pth")
+    model = mv.create_model(name, weights=tmp_path / "mm.pth")
+
+    class Logits(torch.nn.Module):
+        def forward(self, x):
+            return ref(x, mode="tensor")
+
+    _assert_same_outputs(Logits().eval(), model, bgr_reference=True, sizes=[(256, 256), (250, 250)])
