@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 VARIANT_HF = {  # Hugging Face config fields of the three variants
@@ -52,3 +57,30 @@ def hf_model():
         return randomize(transformers.MobileViTForImageClassification(cfg), seed)
 
     return build
+
+
+IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, IDX_CODES[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_mnist(root: Path, n_train: int = 12, n_test: int = 5) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST-like IDX files: gzip-compressed images, plain labels."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+        data[prefix] = images, labels
+    return data
+
+
+def save_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (12, 8)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)

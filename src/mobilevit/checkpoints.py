@@ -70,7 +70,7 @@ def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Check
         if arch is None:
             raise CheckpointError(f"{path}: MobileViT keys, but tensor shapes match none of {sorted(VARIANTS)}")
         config = VARIANTS[arch].replace(num_classes=_num_classes(state), **_hf_overrides(hf_config))
-    extra = {k: json.loads(meta[k]) for k in ("categories", "preprocess") if k in meta}
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in _HEADER_KEYS and layout == FORMAT_NAME}
     if hf_config and "id2label" in hf_config:
         labels = [hf_config["id2label"][str(i)] for i in range(len(hf_config["id2label"]))]
         if not all(lbl.startswith("LABEL_") for lbl in labels):
@@ -227,6 +227,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------- writing
 
 #: Layouts :func:`save_checkpoint` can write, with their default file name or suffix.
+_HEADER_KEYS = ("format", "format_version", "config", "arch")  # our header; other keys are JSON metadata
 WRITABLE = {"mobilevit": ".safetensors", "timm": ".safetensors", "cvnets": ".pt", "mmpretrain": ".pth", "hf": ""}
 
 

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints import WRITABLE, CheckpointError, save_checkpoint
-from .factory import create_model, list_models, load_checkpoint, model_categories, model_transform
+from .factory import arch_name, create_model, list_models, load_checkpoint, model_categories, model_transform
 from .flops import count_macs, count_params
 from .layouts import LAYOUTS
+from .recipe import list_recipes, load_recipe, parse_overrides
 from .weights import get_weights, list_weights
 
 #: File suffixes (lower case) that ``predict`` picks up when walking a directory.
@@ -132,6 +133,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout-in", choices=list(LAYOUTS), default=None, help="layout of SRC (default: detected from its keys)"
     )
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "eval",
+        help="top-1 / top-5 accuracy and loss on a labelled dataset",
+        description="Evaluate a classifier on Fashion-MNIST (IDX files; default: the Debian package "
+        "dataset-fashion-mnist) or on an ImageFolder tree (one sub-directory per class, sorted names = class "
+        "indices; with train/ and val/ sub-directories, --split picks one). Preprocessing comes from the weights. "
+        "Unreadable images are skipped and counted.",
+    )
+    p.add_argument("--model", choices=list_models(), default=None, help="architecture (default: the checkpoint's)")
+    p.add_argument("--weights", required=True, help="checkpoint file, directory, URL or known weights name")
+    p.add_argument(
+        "--data", default="fashion-mnist", help="'fashion-mnist', a directory of IDX files, or an ImageFolder tree"
+    )
+    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument("--batch-size", type=_positive_int, default=100, help="images per forward pass (default 100)")
+    p.add_argument("--num-workers", type=_non_negative_int, default=2, help="image decoding processes (default 2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--confusion", type=Path, default=None, metavar="PNG", help="write a confusion-matrix picture")
+    p.add_argument("--samples", type=Path, default=None, metavar="PNG", help="write a picture of sample predictions")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune with a recipe (single process or torchrun)",
+        description="Train with a recipe: a bundled name or a YAML file of training options, then KEY=VALUE "
+        "overrides (values parsed as YAML, e.g. epochs=30 lr=0.001 weights=run/best.safetensors). "
+        f"Bundled recipes: {', '.join(list_recipes())}. For many GPUs or nodes launch it with torchrun "
+        "(see the README). The output directory receives last.pt (resumable state, written atomically), "
+        "best.safetensors, metrics.csv, steps.csv, curves.png and TensorBoard logs.",
+    )
+    p.add_argument("--config", required=True, help="bundled recipe name or YAML file")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output directory exactly")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training options that replace the recipe's")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -355,3 +393,85 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 __all__ = ["IMAGE_SUFFIXES", "build_parser", "find_images", "main", "model_rows", "open_image"]
+
+
+# ---------------------------------------------------------------------------------------- eval / train
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import build_dataset, collate
+    from .evaluate import evaluate
+    from .train import eval_batches
+
+    device = _device(args.device)
+    ckpt = load_checkpoint(args.weights)
+    model = create_model(args.model or ckpt.arch or "mobilevit_s", weights=ckpt).eval().to(device)
+    dataset = build_dataset(args.data, args.split, model_transform(model))
+    if len(dataset.classes) != model.num_classes:
+        raise ValueError(
+            f"{args.data} ({args.split}) has {len(dataset.classes)} classes but the model predicts "
+            f"{model.num_classes}; fine-tune it first (mobilevit train ... weights={args.weights})"
+        )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=eval_batches(len(dataset), args.batch_size),
+        num_workers=args.num_workers,
+        collate_fn=collate,
+    )
+    keep = args.confusion is not None or args.samples is not None
+    result = evaluate(model, loader, device, args.amp, keep_predictions=keep, progress=sys.stderr.isatty())
+    metrics = {"model": arch_name(model), "weights": str(args.weights), "data": args.data, "split": args.split}
+    metrics |= result.to_dict()
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"{metrics['model']} on {args.data} ({args.split}, {result.count} images): top-1 {result.top1:.2f}%  "
+            f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}"
+        )
+    if result.skipped:
+        print(f"warning: {result.skipped} unreadable image(s) skipped", file=sys.stderr)
+    if keep:
+        _eval_pictures(args, model, dataset, result, device)
+    return EXIT_OK
+
+
+def _eval_pictures(
+    args: argparse.Namespace, model: torch.nn.Module, dataset: Any, result: Any, device: torch.device
+) -> None:
+    from .report import confusion_matrix, plot_confusion, plot_samples
+
+    classes = list(dataset.classes)
+    if args.confusion is not None:
+        matrix = confusion_matrix(result.targets, result.preds, len(classes))
+        plot_confusion(matrix, classes, args.confusion, title=f"{args.weights} on {args.data} ({args.split})")
+        print(f"confusion matrix: {args.confusion}", file=sys.stderr)
+    if args.samples is not None:
+        generator = torch.Generator().manual_seed(0)
+        picks = torch.randperm(len(dataset), generator=generator)[:32].tolist()
+        items = [item for item in (dataset[i] for i in picks) if item is not None]
+        images = torch.stack([image for image, _ in items])
+        targets = torch.tensor([label for _, label in items])
+        with torch.inference_mode():
+            probs = model(images.to(device)).float().softmax(-1).cpu()
+        conf, preds = probs.max(-1)
+        plot_samples(images, targets, preds, classes, args.samples, probs=conf)
+        print(f"sample predictions: {args.samples}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from .train import TrainingDiverged, train
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    cfg = load_recipe(args.config, parse_overrides(args.overrides))
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if rank == 0:
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
+    return EXIT_OK

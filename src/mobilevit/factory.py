@@ -86,7 +86,7 @@ def load_into(model: MobileViT, ckpt: Checkpoint, source: str = "checkpoint") ->
         looks_like = ckpt.arch or "a non-standard MobileViT"
         raise CheckpointError(
             f"{source} is {looks_like} ({ckpt.layout} layout) but the model is "
-            f"{_arch_of(model)}: {len(bad)} tensors differ in shape, e.g. {'; '.join(bad[:3])}"
+            f"{arch_name(model)}: {len(bad)} tensors differ in shape, e.g. {'; '.join(bad[:3])}"
         )
     state = dict(ckpt.state_dict)
     head_kept = "fc.weight" in state and state["fc.weight"].shape == model_state.get("fc.weight", torch.empty(0)).shape
@@ -107,7 +107,8 @@ def load_into(model: MobileViT, ckpt: Checkpoint, source: str = "checkpoint") ->
     }
 
 
-def _arch_of(model: MobileViT) -> str:
+def arch_name(model: MobileViT) -> str:
+    """The variant name (``mobilevit_xs``) of ``model``, judged by its widths."""
     for name, cfg in VARIANTS.items():
         if cfg.channels == model.config.channels and cfg.transformer_dims == model.config.transformer_dims:
             return name

@@ -1,0 +1,48 @@
+"""Optimiser pieces of the recipe: AdamW, cosine LR with linear warm-up, and the EMA model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW over all trainable parameters (the official recipe decays every parameter)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_iters: int, warmup_init_lr: float) -> float:
+    """LR at optimizer step ``step``: linear warm-up from ``warmup_init_lr``, then cosine from ``lr`` to ``min_lr``."""
+    if step < warmup_iters:
+        return warmup_init_lr + (lr - warmup_init_lr) * step / warmup_iters
+    span = max(1, total_steps - warmup_iters)
+    progress = min(1.0, (step - warmup_iters) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class ModelEMA(nn.Module):
+    """Exponential moving average of a model's weights: ``ema = (1 - momentum) * ema + momentum * model``.
+
+    BatchNorm statistics are averaged like the weights; integer counters are copied.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.0005):
+        super().__init__()
+        if not 0 < momentum <= 1:
+            raise ValueError(f"EMA momentum must be in (0, 1], got {momentum}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_state = self.module.state_dict()
+        for name, value in model.state_dict().items():
+            target = ema_state[name]
+            if target.dtype.is_floating_point:
+                target.lerp_(value.to(target.dtype), self.momentum)
+            else:
+                target.copy_(value)

@@ -1,0 +1,450 @@
+"""The training loop of the paper's recipe: multi-scale sampler, AdamW + cosine, label smoothing, EMA, AMP, DDP.
+
+Run with ``mobilevit train --config RECIPE`` (one process) or under ``torchrun`` (many GPUs / nodes).
+Everything a run needs to continue exactly is in ``OUTPUT/last.pt``, written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoints import atomic_path, save_checkpoint
+from .data import TrainTransform, build_dataset, collate, split_holdout
+from .evaluate import EvalResult, autocast, evaluate
+from .factory import create_model
+from .model import MobileViT
+from .optim import ModelEMA, build_optimizer, cosine_lr
+from .recipe import TrainConfig
+from .sampler import MultiScaleBatchSampler, multiscale_sizes
+from .transforms import EvalTransform
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "mobilevit-train-state"
+METRIC_FIELDS = [
+    "epoch", "step", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+    "ema_val_loss", "ema_val_top1", "ema_val_top5", "epoch_seconds", "images_per_second", "skipped_images",
+]  # fmt: skip
+STEP_FIELDS = ["step", "epoch", "size", "batch", "lr", "loss"]
+# options that may differ between a run and its resumption (they do not change the numbers)
+RESUME_MAY_CHANGE = {"workers", "device", "progress", "tensorboard", "max_steps", "log_every", "checkpoint_every_steps"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the message names the last usable checkpoint."""
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    micro: int = 0  # batches of the current epoch already consumed
+    step: int = 0  # optimizer steps so far
+    best_top1: float = -1.0
+
+
+def eval_batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's share of ``range(n)`` in batches; shares are disjoint and unpadded, so totals are exact."""
+    mine = list(range(rank, n, world))
+    return [mine[i : i + batch] for i in range(0, len(mine), batch)]
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "none"
+    return amp
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """Load ``last.pt`` safely (tensors and plain data only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read training state {path}: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not a mobilevit training state (use it with --weights, not --resume)")
+    return state
+
+
+class Trainer:
+    """One training run; ``Trainer(cfg).fit()``. In DDP every process builds its own ``Trainer``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.dist, self.device = distributed.setup(cfg.device)
+        self.out = Path(cfg.output)
+        state = None
+        if resume:
+            state = read_train_state(self.out / "last.pt")
+            cfg = self._resumed_config(cfg, state)
+        elif (self.out / "last.pt").exists():
+            raise FileExistsError(
+                f"{self.out / 'last.pt'} exists: pass --resume to continue that run, or choose another output"
+            )
+        self.cfg = cfg
+        self.amp = resolve_amp(cfg.amp, self.device)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self._build_data()
+        self.model = create_model(
+            cfg.model, weights=cfg.weights, num_classes=len(self.classes), **cfg.model_overrides
+        ).to(self.device)
+        self.ema = ModelEMA(self.model, cfg.ema_momentum) if cfg.ema_momentum > 0 else None
+        self.net: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        per_step = cfg.base_batch * self.dist.world_size
+        self.accum = max(1, round(cfg.effective_batch / per_step)) if cfg.effective_batch else 1
+        self.steps_per_epoch = math.ceil(len(self.sampler) / self.accum)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.run = RunState()
+        self.saved_step: int | None = None
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # this process's loss * images, correct, images, skipped in the epoch
+        torch.manual_seed(cfg.seed + 1 + self.dist.rank)  # dropout differs across ranks
+        if state is not None:
+            self._load_state(state)
+        self.writer = self._tensorboard()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _resumed_config(self, cfg: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+        saved = TrainConfig(**state["config"])
+        changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.to_dict()[k] != v)
+        if changed:
+            raise ValueError(
+                f"--resume continues the run in {self.out} exactly, but these options differ from it: {changed}; "
+                "drop them or start a new run in another output directory"
+            )
+        world = state.get("world_size", 1)
+        if world != self.dist.world_size:
+            raise ValueError(f"{self.out} was trained with {world} processes; resume it with the same number")
+        for key in RESUME_MAY_CHANGE:
+            setattr(saved, key, getattr(cfg, key))
+        return saved
+
+    def _build_data(self) -> None:
+        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
+        train_tf = TrainTransform(size=cfg.base_size, scale=cfg.crop_scale, hflip=cfg.hflip)
+        self.eval_transform = EvalTransform(cfg.eval_resize, cfg.eval_size)
+        full = build_dataset(cfg.data, "train", train_tf)
+        self.classes = list(full.classes)
+        self.val_set = None
+        if cfg.val_fraction > 0:
+            train_idx, val_idx = split_holdout(len(full), cfg.val_fraction, cfg.seed)
+            self.train_set = build_dataset(cfg.data, "train", train_tf, indices=train_idx)
+            self.val_set = build_dataset(cfg.data, "train", self.eval_transform, indices=val_idx)
+        else:
+            self.train_set = full
+            if cfg.val_split:
+                self.val_set = build_dataset(cfg.data, cfg.val_split, self.eval_transform)
+        sizes = (
+            multiscale_sizes(
+                cfg.base_size, cfg.base_batch, cfg.min_size, cfg.max_size, cfg.num_scales, cfg.size_divisor
+            )
+            if cfg.multiscale
+            else [(cfg.base_size, cfg.base_batch)]
+        )
+        self.sampler = MultiScaleBatchSampler(
+            len(self.train_set), sizes=sizes, shuffle=True, seed=cfg.seed, rank=rank, world_size=world
+        )
+        pin = self.device.type == "cuda"
+        # loaders get their own generator: creating an iterator must not consume the global (dropout) RNG
+        self.loader = DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=cfg.workers, collate_fn=collate, pin_memory=pin,
+            generator=torch.Generator(),
+        )  # fmt: skip
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader = DataLoader(
+                self.val_set,
+                batch_sampler=eval_batches(len(self.val_set), cfg.eval_batch, rank, world),
+                num_workers=cfg.workers,
+                collate_fn=collate,
+                pin_memory=pin,
+                generator=torch.Generator(),
+            )
+
+    def _tensorboard(self) -> Any:
+        if not (self.cfg.tensorboard and self.dist.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _rank_states(self) -> list[dict[str, Any]]:
+        """Every process's RNG state and running epoch sums (gathered to all ranks)."""
+        mine = {"rng": torch.get_rng_state(), "sums": list(self.sums)}
+        if not self.dist.enabled:
+            return [mine]
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def save_state(self) -> None:
+        """Write ``last.pt`` atomically (every process must call it: RNG states are gathered).
+
+        Weights that are no longer finite never replace the last checkpoint.
+        """
+        ranks = self._rank_states()
+        if not self.dist.is_main:
+            return
+        if not all(torch.isfinite(v).all() for v in self.model.state_dict().values() if v.is_floating_point()):
+            log.warning("weights are not finite at step %d: %s keeps step %s", self.run.step, self.out / "last.pt",
+                        self.saved_step)  # fmt: skip
+            return
+        state = {
+            "format": STATE_FORMAT,
+            "config": self.cfg.to_dict(),
+            "world_size": self.dist.world_size,
+            "epoch": self.run.epoch,
+            "micro": self.run.micro,
+            "step": self.run.step,
+            "best_top1": self.run.best_top1,
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ranks": ranks,
+        }
+        with atomic_path(self.out / "last.pt") as tmp:
+            torch.save(state, tmp)
+        self.saved_step = self.run.step
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema and state["ema"] is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        mine = state["ranks"][self.dist.rank]
+        torch.set_rng_state(mine["rng"])
+        self.sums = list(mine["sums"])
+        self.run = RunState(state["epoch"], state["micro"], state["step"], state["best_top1"])
+        self.saved_step = self.run.step
+        # drop rows written after the checkpoint
+        _truncate_csv(self.out / "steps.csv", lambda r: int(r["step"]) <= self.run.step)
+        _truncate_csv(self.out / "metrics.csv", lambda r: int(r["epoch"]) <= self.run.epoch)
+        log.info("resumed %s at epoch %d, step %d", self.out, self.run.epoch, self.run.step)
+
+    def save_weights(self, model: nn.Module, name: str, extra: dict[str, Any]) -> Path:
+        """The model alone in our safetensors format, with class names and eval preprocessing."""
+        meta = {"categories": self.classes, "preprocess": self.eval_transform.to_dict(), "training": extra}
+        assert isinstance(model, MobileViT)
+        return save_checkpoint(model.state_dict(), model.config, self.out / name, arch=self.cfg.model, meta=meta)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            log.info(
+                "training %s on %d images (%d classes), %d epochs x %d steps, %d process(es) x accumulation %d, amp=%s",
+                cfg.model, len(self.train_set), len(self.classes), cfg.epochs, self.steps_per_epoch,
+                self.dist.world_size, self.accum, self.amp,
+            )  # fmt: skip
+        last: dict[str, Any] = {}
+        try:
+            while self.run.epoch < cfg.epochs and not self._reached_max_steps():
+                last = self._train_epoch()
+                if self._reached_max_steps() and self.run.micro:
+                    break
+            return self._finish(last)
+        finally:
+            if self.writer:
+                self.writer.close()
+            distributed.teardown()
+
+    def _reached_max_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.run.step >= self.cfg.max_steps
+
+    def _train_epoch(self) -> dict[str, Any]:
+        cfg, run = self.cfg, self.run
+        self.sampler.set_epoch(run.epoch, start_step=run.micro)
+        self.net.train()
+        if run.micro == 0:
+            self.sums = [0.0, 0.0, 0.0, 0.0]
+        start, seen_now = time.perf_counter(), 0
+        n_batches = len(self.sampler)
+        lr = cosine_lr(run.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.warmup_init_lr)
+        bar = tqdm(
+            total=n_batches, initial=run.micro, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.dist.is_main), dynamic_ncols=True, leave=False,
+        )  # fmt: skip
+        for images, labels, n_skipped in self.loader:
+            boundary = (run.micro + 1) % self.accum == 0 or run.micro + 1 == n_batches
+            lr = cosine_lr(run.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.warmup_init_lr)
+            loss, hits = self._forward_backward(images, labels, boundary, lr)
+            batch = (loss * labels.numel(), hits, labels.numel(), n_skipped)
+            self.sums = [a + b for a, b in zip(self.sums, batch, strict=True)]
+            seen_now += labels.numel()
+            run.micro += 1
+            bar.update()
+            if boundary:
+                self._optimizer_step(lr)
+                if run.step % cfg.log_every == 0 and self.dist.is_main:
+                    self._log_step(images.shape[-1], labels.numel(), lr, loss)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", size=images.shape[-1])
+                if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
+                    self.save_state()
+                if self._reached_max_steps():
+                    break
+        bar.close()
+        loss_total, correct_total, seen_total, skipped_total = distributed.all_sum(self.sums, self.device)
+        (seen_now,) = distributed.all_sum([seen_now], self.device)
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {
+            "epoch": run.epoch + 1, "step": run.step, "lr": lr,
+            "train_loss": loss_total / max(seen_total, 1), "train_top1": 100 * correct_total / max(seen_total, 1),
+            "epoch_seconds": seconds, "images_per_second": seen_now / seconds, "skipped_images": int(skipped_total),
+        }  # fmt: skip
+        if skipped_total and self.dist.is_main:
+            log.warning("epoch %d: skipped %d unreadable images", run.epoch + 1, int(skipped_total))
+        if run.micro < n_batches:  # stopped by max_steps inside the epoch
+            self.save_state()
+            return row
+        row |= self._validate()
+        self._log_epoch(row)
+        run.epoch, run.micro = run.epoch + 1, 0
+        self.save_state()
+        return row
+
+    def _forward_backward(self, images: Tensor, labels: Tensor, boundary: bool, lr: float) -> tuple[float, float]:
+        """Accumulate gradients of one batch; returns its loss and number of correct top-1 predictions."""
+        scale = 1.0
+        if labels.numel() == 0:  # every image unreadable: keep DDP in step with a zero-weight batch
+            if not self.dist.enabled:
+                return 0.0, 0.0
+            size = self.cfg.base_size
+            images, labels, scale = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long), 0.0
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
+        with sync:
+            with autocast(self.device, self.amp):
+                logits = self.net(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                self._diverged(loss.item(), lr)
+            self.scaler.scale(loss * scale / self.accum).backward()
+        hits = (logits.argmax(1) == labels).sum().item() * scale
+        return loss.item() * scale, hits
+
+    def _optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update(self.model)
+        self.run.step += 1
+
+    def _diverged(self, loss: float, lr: float) -> None:
+        self.save_state()  # kept only if the weights are still finite
+        where = f"epoch {self.run.epoch + 1}, step {self.run.step}"
+        if self.saved_step is None:
+            ckpt = "no checkpoint was written before (set checkpoint_every_steps to keep one)"
+        else:
+            ckpt = f"{self.out / 'last.pt'} holds the last finite weights (step {self.saved_step})"
+        raise TrainingDiverged(
+            f"loss became {loss} at {where} (lr {lr:.3g}); {ckpt}. Lower the learning rate, set grad_clip, "
+            "or use amp=none/bf16 instead of fp16, then start a new run (or weights=.../last.pt to fine-tune from it)."
+        )
+
+    def _validate(self) -> dict[str, Any]:
+        if self.val_loader is None:
+            return {}
+        row: dict[str, Any] = {}
+        models = [("val", self.model)] + ([("ema_val", self.ema.module)] if self.ema else [])
+        for prefix, model in models:
+            result: EvalResult = evaluate(model, self.val_loader, self.device, self.amp)
+            row |= {f"{prefix}_loss": result.loss, f"{prefix}_top1": result.top1, f"{prefix}_top5": result.top5}
+            if result.top1 > self.run.best_top1:
+                self.run.best_top1 = result.top1
+                if self.dist.is_main:
+                    extra = {"epoch": self.run.epoch + 1, "val_top1": result.top1, "ema": prefix == "ema_val"}
+                    self.save_weights(model, "best.safetensors", extra)
+        return row
+
+    def _log_step(self, size: int, batch: int, lr: float, loss: float) -> None:
+        row = {"step": self.run.step, "epoch": self.run.epoch + 1, "size": size, "batch": batch, "lr": lr, "loss": loss}
+        _append_csv(self.out / "steps.csv", STEP_FIELDS, row)
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, self.run.step)
+            self.writer.add_scalar("train/lr", lr, self.run.step)
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        _append_csv(self.out / "metrics.csv", METRIC_FIELDS, row)
+        if self.writer:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"epoch/{key}", value, row["epoch"])
+        parts = [f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "val_top1", "ema_val_top1")]
+        log.info("epoch %d/%d: %s", row["epoch"], self.cfg.epochs, " ".join(parts))
+
+    def _finish(self, last: dict[str, Any]) -> dict[str, Any]:
+        if not self.dist.is_main:
+            return last
+        if self.val_loader is None or not (self.out / "best.safetensors").exists():
+            final = self.ema.module if self.ema else self.model
+            self.save_weights(final, "best.safetensors", {"epoch": self.run.epoch, "ema": self.ema is not None})
+        if (self.out / "metrics.csv").exists():
+            from .report import plot_curves
+
+            plot_curves(self.out / "metrics.csv", self.out / "curves.png", title=f"{self.cfg.model} on {self.cfg.data}")
+        return last | {"best_top1": self.run.best_top1, "output": str(self.out)}
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train with ``cfg``; returns the last epoch's metrics. ``resume`` continues ``cfg.output/last.pt``."""
+    return Trainer(cfg, resume).fit()
+
+
+def _append_csv(path: Path, fields: list[str], row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in fields})
+
+
+def _truncate_csv(path: Path, keep_row: Callable[[dict[str, str]], bool]) -> None:
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+        fields = list(rows[0].keys()) if rows else None
+    if fields is None:
+        return
+    keep = [r for r in rows if keep_row(r)]
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(keep)
