@@ -176,6 +176,18 @@ def test_gradient_accumulation_reaches_the_effective_batch(mnist: Path, tmp_path
     assert trainer.run.step == 2
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_and_gradient_clipping(mnist: Path, tmp_path: Path, amp: str):
+    cfg = load_recipe(RECIPE, tiny(mnist, tmp_path / amp, amp=amp, grad_clip=0.5, max_steps=2, tensorboard=True))
+    trainer = Trainer(cfg)
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    trainer.fit()
+    assert trainer.run.step == 2
+    losses = [float(r["loss"]) for r in read_rows(tmp_path / amp / "steps.csv")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert list((tmp_path / amp / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     root = tmp_path / "folder"
     for i in range(12):

@@ -104,6 +104,8 @@ class Trainer:
         self.model = create_model(
             cfg.model, weights=cfg.weights, num_classes=len(self.classes), **cfg.model_overrides
         ).to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         self.ema = ModelEMA(self.model, cfg.ema_momentum) if cfg.ema_momentum > 0 else None
         self.net: nn.Module = self.model
         if self.dist.enabled:
@@ -337,7 +339,7 @@ class Trainer:
                 return 0.0, 0.0
             size = self.cfg.base_size
             images, labels, scale = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long), 0.0
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
         with sync:
