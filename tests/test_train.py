@@ -61,6 +61,9 @@ def test_bundled_recipes_follow_the_paper():
         assert (cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.warmup_init_lr) == (0.002, 0.0002, 3000, 0.0002)
         assert (cfg.weight_decay, cfg.betas, cfg.label_smoothing, cfg.ema_momentum) == (0.01, (0.9, 0.999), 0.1, 0.0005)
         assert (cfg.base_size, cfg.base_batch, cfg.min_size, cfg.max_size) == (256, 128, 160, 320)
+    for name in (RECIPE, f"{RECIPE}_full"):  # epochs are selected on held-out training images, never on test
+        cfg = load_recipe(name)
+        assert cfg.data == "fashion-mnist" and cfg.val_fraction > 0
 
 
 def test_recipe_overrides_and_errors(tmp_path: Path):
@@ -103,6 +106,11 @@ def test_ema_is_a_moving_average():
     assert torch.allclose(after["0.weight"], before["0.weight"] + 0.25)
     assert after["1.num_batches_tracked"] == 3
     assert not any(p.requires_grad for p in ema.module.parameters())
+    warm = ModelEMA(model, momentum=0.001, warmup=True)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    warm.update(model, step=0)  # momentum 0.9 at the first step
+    assert torch.allclose(warm.module[0].weight, model[0].weight - 0.1)
 
 
 def test_training_run_writes_everything(mnist: Path, tmp_path: Path):
@@ -169,9 +177,9 @@ def test_fine_tuning_loads_the_backbone_with_a_new_head(mnist: Path, tmp_path: P
 
 
 def test_gradient_accumulation_reaches_the_effective_batch(mnist: Path, tmp_path: Path):
-    cfg = load_recipe(RECIPE, tiny(mnist, tmp_path / "acc", effective_batch=32, multiscale=False, epochs=1))
+    cfg = load_recipe(RECIPE, tiny(mnist, tmp_path / "acc", effective_batch=16, multiscale=False, epochs=1))
     trainer = Trainer(cfg)
-    assert trainer.accum == 4 and trainer.steps_per_epoch == 2  # 36 images, batches of 8: 5 batches -> 2 steps
+    assert trainer.accum == 2 and trainer.steps_per_epoch == 2  # 36 images: 4 full batches of 8 -> 2 steps
     trainer.fit()
     assert trainer.run.step == 2
 
@@ -193,11 +201,18 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, caplog: pytes
     for i in range(12):
         save_image(root / ("cat" if i % 2 else "dog") / f"{i}.png", (20 * i, 100, 200 - 10 * i))
     (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    values = tiny(root, tmp_path / "run", val_fraction=0.0, val_split=None, multiscale=False, epochs=1)
+    values = tiny(root, tmp_path / "run", val_fraction=0.0, val_split=None, multiscale=False, epochs=1, base_batch=13)
     train(load_recipe(RECIPE, values))
     row = read_rows(tmp_path / "run" / "metrics.csv")[0]
     assert row["skipped_images"] == "1" and row["val_top1"] == ""
     assert "broken.jpg" in caplog.text
+    # a batch left with one readable image (BatchNorm cannot train on it) is skipped, not a crash
+    for path in sorted(root.glob("*/*.png"))[1:]:
+        path.write_bytes(b"broken")
+    values |= dict(output=str(tmp_path / "one"))
+    train(load_recipe(RECIPE, values))
+    row = read_rows(tmp_path / "one" / "metrics.csv")[0]
+    assert row["skipped_images"] == "12" and row["train_loss"] == "0.0"
 
 
 def test_divergence_stops_with_a_usable_checkpoint(mnist: Path, tmp_path: Path):

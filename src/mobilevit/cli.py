@@ -12,21 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints import WRITABLE, CheckpointError, save_checkpoint
+from .data import IMAGE_SUFFIXES, open_image
 from .factory import arch_name, create_model, list_models, load_checkpoint, model_categories, model_transform
 from .flops import count_macs, count_params
 from .layouts import LAYOUTS
 from .recipe import list_recipes, load_recipe, parse_overrides
 from .weights import get_weights, list_weights
 
-#: File suffixes (lower case) that ``predict`` picks up when walking a directory.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: Errors of the library that the command reports as ``error: <message>`` (exit code 2), without a traceback.
 #: ``OSError`` covers ``FileNotFoundError``, ``ConnectionError`` and permission problems; ``CheckpointError``
 #: is a ``ValueError``.
@@ -257,20 +256,6 @@ def find_images(inputs: Sequence[str | os.PathLike], warn: Callable[[str], None]
         else:
             found.append(path)
     return list(dict.fromkeys(found))
-
-
-def open_image(path: Path) -> Image.Image:
-    """Fully decode ``path`` as an RGB image, applying its EXIF orientation."""
-    if not path.exists():
-        raise FileNotFoundError("no such file or directory")
-    if path.is_dir():
-        raise IsADirectoryError("is a directory")
-    with Image.open(path) as img:
-        img.load()  # decode now: truncated or corrupt data raises here, not later
-        img = ImageOps.exif_transpose(img)
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert("RGB")
 
 
 class ImageFiles(Dataset):

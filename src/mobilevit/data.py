@@ -90,6 +90,10 @@ def _read_idx_cached(path: Path, stamp: tuple[int, int]) -> np.ndarray:
 
 def open_image(path: Path) -> Image.Image:
     """Fully decode ``path`` as an RGB image, applying its EXIF orientation."""
+    if not path.exists():
+        raise FileNotFoundError("no such file or directory")
+    if path.is_dir():
+        raise IsADirectoryError("is a directory")
     with Image.open(path) as img:
         img.load()  # decode now: truncated or corrupt data raises here, not later
         img = ImageOps.exif_transpose(img)

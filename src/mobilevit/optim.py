@@ -27,22 +27,27 @@ def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_iter
 class ModelEMA(nn.Module):
     """Exponential moving average of a model's weights: ``ema = (1 - momentum) * ema + momentum * model``.
 
-    BatchNorm statistics are averaged like the weights; integer counters are copied.
+    BatchNorm statistics are averaged like the weights; integer counters are copied. With ``warmup``
+    the momentum starts high and decays to ``momentum`` as ``max(momentum, 9 / (10 + step))``, so a
+    short run's average does not keep a large share of the random initial weights.
     """
 
-    def __init__(self, model: nn.Module, momentum: float = 0.0005):
+    def __init__(self, model: nn.Module, momentum: float = 0.0005, warmup: bool = False):
         super().__init__()
         if not 0 < momentum <= 1:
             raise ValueError(f"EMA momentum must be in (0, 1], got {momentum}")
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.momentum = momentum
+        self.warmup = warmup
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int = 0) -> None:
+        """Blend in ``model``'s weights after optimizer step ``step`` (counted from 0)."""
+        momentum = max(self.momentum, 9 / (10 + step)) if self.warmup else self.momentum
         ema_state = self.module.state_dict()
         for name, value in model.state_dict().items():
             target = ema_state[name]
             if target.dtype.is_floating_point:
-                target.lerp_(value.to(target.dtype), self.momentum)
+                target.lerp_(value.to(target.dtype), momentum)
             else:
                 target.copy_(value)

@@ -39,7 +39,8 @@ class TrainConfig:
     num_scales: int = 5
     size_divisor: int = 32
     multiscale: bool = True
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5
     eval_resize: int = 288
     eval_size: int = 256
@@ -55,6 +56,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     label_smoothing: float = 0.1
     ema_momentum: float = 0.0005  # 0 disables the EMA model
+    ema_warmup: bool = False  # momentum max(ema_momentum, 9 / (10 + step)): for short runs
     grad_clip: float | None = None  # max gradient norm
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU), bf16, fp16, none
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and on CPU at >= 64 px)
@@ -70,6 +72,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(self.crop_scale)  # type: ignore[assignment]
+        self.crop_ratio = tuple(self.crop_ratio)  # type: ignore[assignment]
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise ValueError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")

@@ -106,7 +106,7 @@ class Trainer:
         ).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        self.ema = ModelEMA(self.model, cfg.ema_momentum) if cfg.ema_momentum > 0 else None
+        self.ema = ModelEMA(self.model, cfg.ema_momentum, cfg.ema_warmup) if cfg.ema_momentum > 0 else None
         self.net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -143,7 +143,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
-        train_tf = TrainTransform(size=cfg.base_size, scale=cfg.crop_scale, hflip=cfg.hflip)
+        train_tf = TrainTransform(size=cfg.base_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
         self.eval_transform = EvalTransform(cfg.eval_resize, cfg.eval_size)
         full = build_dataset(cfg.data, "train", train_tf)
         self.classes = list(full.classes)
@@ -164,7 +164,7 @@ class Trainer:
             else [(cfg.base_size, cfg.base_batch)]
         )
         self.sampler = MultiScaleBatchSampler(
-            len(self.train_set), sizes=sizes, shuffle=True, seed=cfg.seed, rank=rank, world_size=world
+            len(self.train_set), sizes=sizes, shuffle=True, seed=cfg.seed, rank=rank, world_size=world, drop_last=True
         )
         pin = self.device.type == "cuda"
         # loaders get their own generator: creating an iterator must not consume the global (dropout) RNG
@@ -297,7 +297,8 @@ class Trainer:
             boundary = (run.micro + 1) % self.accum == 0 or run.micro + 1 == n_batches
             lr = cosine_lr(run.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.warmup_init_lr)
             loss, hits = self._forward_backward(images, labels, boundary, lr)
-            batch = (loss * labels.numel(), hits, labels.numel(), n_skipped)
+            used = labels.numel() if labels.numel() >= 2 else 0
+            batch = (loss * used, hits, used, n_skipped)
             self.sums = [a + b for a, b in zip(self.sums, batch, strict=True)]
             seen_now += labels.numel()
             run.micro += 1
@@ -334,11 +335,11 @@ class Trainer:
     def _forward_backward(self, images: Tensor, labels: Tensor, boundary: bool, lr: float) -> tuple[float, float]:
         """Accumulate gradients of one batch; returns its loss and number of correct top-1 predictions."""
         scale = 1.0
-        if labels.numel() == 0:  # every image unreadable: keep DDP in step with a zero-weight batch
+        if labels.numel() < 2:  # unreadable images left < 2 (BatchNorm needs 2): skip, DDP gets a zero-weight batch
             if not self.dist.enabled:
                 return 0.0, 0.0
             size = self.cfg.base_size
-            images, labels, scale = torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long), 0.0
+            images, labels, scale = torch.zeros(2, 3, size, size), torch.zeros(2, dtype=torch.long), 0.0
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
@@ -362,7 +363,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.run.step)
         self.run.step += 1
 
     def _diverged(self, loss: float, lr: float) -> None:
