@@ -179,6 +179,11 @@ def test_our_format_keeps_config_and_metadata(tmp_path):
     ckpt = mv.read_checkpoint(path)
     assert ckpt.config == src.config and ckpt.layout == "mobilevit"
     assert mv.create_model("mobilevit_xxs", weights=path).config.patch_sizes == (8, 4, 2)
+    path = mv.save_checkpoint(src.state_dict(), src.config, path, meta={"training": {"epoch": 3}})
+    assert mv.read_checkpoint(path).meta == {"training": {"epoch": 3}}  # any JSON metadata round-trips
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # atomic writes keep the usual permissions
 
 
 def test_written_hf_directory_loads_in_transformers(tmp_path):

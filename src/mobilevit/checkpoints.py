@@ -239,6 +239,9 @@ def atomic_path(dst: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result the usual permissions
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
