@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoints import WRITABLE, CheckpointError, save_checkpoint
 from .data import IMAGE_SUFFIXES, open_image
+from .distributed import resolve_device
 from .factory import arch_name, create_model, list_models, load_checkpoint, model_categories, model_transform
 from .flops import count_macs, count_params
 from .layouts import LAYOUTS
@@ -285,23 +286,11 @@ def collate_images(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[
     return [i for i, _ in ok], batch, failed
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid --device {name!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ckpt = load_checkpoint(args.weights) if args.weights else None
     arch = args.model or (ckpt.arch if ckpt else None) or "mobilevit_s"
     model = create_model(arch, weights=ckpt).eval().to(device)
@@ -388,7 +377,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .train import eval_batches
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ckpt = load_checkpoint(args.weights)
     model = create_model(args.model or ckpt.arch or "mobilevit_s", weights=ckpt).eval().to(device)
     dataset = build_dataset(args.data, args.split, model_transform(model))

@@ -24,6 +24,19 @@ class DistInfo:
         return self.world_size > 1
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a device (default: cuda when available, else cpu); a clear ``ValueError`` if unusable."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: CUDA is not available on this machine")
+    return device
+
+
 def setup(device: str | None) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and pick this rank's device.
 
@@ -31,11 +44,8 @@ def setup(device: str | None) -> tuple[DistInfo, torch.device]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but CUDA is not available; use device=cpu")
         dev = torch.device("cuda", info.local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if info.enabled and not dist.is_initialized():
