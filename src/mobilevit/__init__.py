@@ -2,6 +2,8 @@
 
 from .checkpoints import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from .config import VARIANTS, MobileViTConfig
+from .deploy import DeployedMobileViT, deploy
+from .export import ExportError, export_model
 from .factory import create_model, list_models, load_checkpoint, model_categories, model_transform
 from .flops import count_macs
 from .model import MobileViT
@@ -14,12 +16,16 @@ __all__ = [
     "VARIANTS",
     "Checkpoint",
     "CheckpointError",
+    "DeployedMobileViT",
     "EvalTransform",
+    "ExportError",
     "MobileViT",
     "MobileViTConfig",
     "Weights",
     "count_macs",
     "create_model",
+    "deploy",
+    "export_model",
     "get_weights",
     "imagenet_categories",
     "list_models",

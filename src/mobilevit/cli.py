@@ -21,6 +21,7 @@ from . import __version__
 from .checkpoints import WRITABLE, CheckpointError, save_checkpoint
 from .data import IMAGE_SUFFIXES, open_image
 from .distributed import resolve_device
+from .export import ExportError
 from .factory import arch_name, create_model, list_models, load_checkpoint, model_categories, model_transform
 from .flops import count_macs, count_params
 from .layouts import LAYOUTS
@@ -29,8 +30,8 @@ from .weights import get_weights, list_weights
 
 #: Errors of the library that the command reports as ``error: <message>`` (exit code 2), without a traceback.
 #: ``OSError`` covers ``FileNotFoundError``, ``ConnectionError`` and permission problems; ``CheckpointError``
-#: is a ``ValueError``.
-USER_ERRORS = (CheckpointError, ValueError, OSError)
+#: is a ``ValueError``; ``ExportError`` covers exports a format cannot take (and missing export packages).
+USER_ERRORS = (CheckpointError, ExportError, ValueError, OSError)
 
 EXIT_OK, EXIT_NOTHING_PREDICTED, EXIT_ERROR = 0, 1, 2
 _META_KEYS = ("categories", "preprocess")
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--confusion", type=Path, default=None, metavar="PNG", help="write a confusion-matrix picture")
     p.add_argument("--samples", type=Path, default=None, metavar="PNG", help="write a picture of sample predictions")
+    p.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="evaluate this exported ONNX model (e.g. int8) with onnxruntime instead; --weights gives its preprocessing",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -170,6 +178,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the output directory exactly")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training options that replace the recipe's")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "export",
+        help="export to ONNX, TorchScript, Core ML or ExecuTorch (optionally int8 ONNX)",
+        description="Export the inference form of a model (BatchNorm folded, see mobilevit.deploy) for "
+        "deployment. onnx: input 'images' [B, 3, H, W] float RGB in [0, 1], output 'logits'; torchscript: a "
+        "traced module; coreml: an .mlpackage whose input is an RGB image (the 1/255 scaling is built in); "
+        "executorch: a .pte program lowered to XNNPACK. H and W are fixed at --size; --dynamic makes the batch "
+        "dimension dynamic. --int8 writes a statically quantized ONNX model calibrated on --calibration images.",
+    )
+    p.add_argument("--model", choices=list_models(), default=None, help="architecture (default: the checkpoint's)")
+    p.add_argument("--weights", default=None, help="checkpoint file, directory, URL or known weights name")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "coreml", "executorch"])
+    p.add_argument("-o", "--output", type=Path, default=None, help="output path (default: MODEL.SUFFIX here)")
+    p.add_argument(
+        "--size", type=_positive_int, default=None, help="square input size (default: the weights' eval size)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="batch size of the example input (default 1)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
+    p.add_argument("--int8", action="store_true", help="(onnx) post-training static int8 quantization")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="(--int8) calibration images: 'fashion-mnist', IDX directory or ImageFolder tree (train split used)",
+    )
+    p.add_argument("--calibration-images", type=_positive_int, default=512, help="(--int8) images used (default 512)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "bench",
+        help="inference latency of ours, the deploy form, exports and peers (timm, Hugging Face)",
+        description="Median latency (ms per batch, after warm-up; each implementation timed in two blocks, in order "
+        "then in reverse order) and "
+        "throughput for each model and batch size, with the speed-up against timm and the distance to the "
+        "arithmetic floor (2 x MACs / measured sgemm rate). Implementations whose packages are missing are left "
+        "out. 'compile' is torch.compile (inductor, frozen weights) of the deploy form: its first call compiles "
+        "for about a minute per shape.",
+    )
+    p.add_argument("--models", default="mobilevit_xxs,mobilevit_xs,mobilevit_s", help="comma-separated models")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--size", type=_positive_int, default=256, help="square input size (default 256)")
+    p.add_argument("--impl", default=None, help="comma-separated implementations (default: all available)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="intra-op threads for every implementation")
+    p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed calls first (default 5)")
+    p.add_argument("--repeats", type=_positive_int, default=20, help="timed rounds (default 20)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw throughput bars")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -386,6 +442,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.data} ({args.split}) has {len(dataset.classes)} classes but the model predicts "
             f"{model.num_classes}; fine-tune it first (mobilevit train ... weights={args.weights})"
         )
+    if args.onnx is not None:
+        model, device = _OnnxClassifier(args.onnx), torch.device("cpu")
     loader = DataLoader(
         dataset,
         batch_sampler=eval_batches(len(dataset), args.batch_size),
@@ -394,7 +452,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     keep = args.confusion is not None or args.samples is not None
     result = evaluate(model, loader, device, args.amp, keep_predictions=keep, progress=sys.stderr.isatty())
-    metrics = {"model": arch_name(model), "weights": str(args.weights), "data": args.data, "split": args.split}
+    name = arch_name(model) if args.onnx is None else str(args.onnx)
+    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split}
     metrics |= result.to_dict()
     if args.json:
         print(json.dumps(metrics))
@@ -408,6 +467,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if keep:
         _eval_pictures(args, model, dataset, result, device)
     return EXIT_OK
+
+
+class _OnnxClassifier(torch.nn.Module):
+    """An exported ONNX file behind the module interface ``evaluate`` expects (runs on onnxruntime, CPU)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file (write one with `mobilevit export --format onnx`)")
+        self.path = path
+
+    def forward(self, images: Tensor) -> Tensor:
+        from .export import run_onnx
+
+        return run_onnx(self.path, images.cpu())
 
 
 def _eval_pictures(
@@ -448,4 +522,75 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if rank == 0:
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------- export / bench
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .deploy import deploy
+    from .export import SUFFIXES, export_model
+
+    if args.int8 and args.format != "onnx":
+        raise ValueError(f"--int8 is supported for --format onnx only, not {args.format}")
+    if args.int8 and args.calibration is None:
+        raise ValueError("--int8 needs --calibration DATA (e.g. fashion-mnist or an image folder) to set the ranges")
+    ckpt = load_checkpoint(args.weights) if args.weights else None
+    model = create_model(args.model or (ckpt.arch if ckpt else None) or "mobilevit_s", weights=ckpt).eval()
+    transform = model_transform(model)
+    size = args.size or transform.crop_size
+    name = arch_name(model)
+    out = args.output or Path(f"{name}{'.int8' if args.int8 else ''}{SUFFIXES[args.format]}")
+    fast = deploy(model, channels_last=False)
+    kw = dict(image_size=(size, size), dynamic=args.dynamic or args.int8, batch_size=args.batch_size)
+    if not args.int8:
+        path = export_model(fast, out, args.format, **kw)
+    else:
+        import tempfile
+
+        from .quantize import calibration_images, quantize_onnx
+
+        images = calibration_images(args.calibration, transform, size, args.calibration_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = export_model(fast, Path(tmp) / "fp32.onnx", "onnx", **kw)
+            path = quantize_onnx(fp32, out, images)
+    print(f"wrote {path} ({args.format}{', int8' if args.int8 else ''}, {name}, input {size}x{size})")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, plot_bench, run_bench
+
+    def ints(text: str, what: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise ValueError(f"{what} must be positive integers, got {text!r}")
+        return values
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in list_models()]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(list_models())}")
+    impls = [i.strip() for i in args.impl.split(",")] if args.impl else None
+    bar = tqdm(desc="bench", disable=not sys.stderr.isatty(), bar_format="{desc}")
+    rows, gflops = run_bench(
+        models,
+        ints(args.batch_sizes, "--batch-sizes"),
+        args.size,
+        impls,
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        progress=bar.set_description_str,
+    )
+    bar.close()
+    print(format_table(rows, gflops))
+    if args.json:
+        args.json.write_text(json.dumps({"sgemm_gflops": gflops, "rows": [r.as_dict() for r in rows]}, indent=2))
+    if args.plot:
+        print(f"plot: {plot_bench(rows, args.plot)}", file=sys.stderr)
     return EXIT_OK

@@ -1,0 +1,110 @@
+"""`mobilevit export`, `mobilevit eval --onnx` and `mobilevit bench` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mobilevit as mv
+from conftest import randomize, write_mnist
+from mobilevit.cli import main
+
+PREPROCESS = {"resize_size": 64, "crop_size": 64, "interpolation": "bilinear"}
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def fm_ckpt(tmp_path_factory) -> tuple[Path, Path]:
+    """A 10-class XXS checkpoint with 64 px preprocessing, and a Fashion-MNIST-like IDX directory."""
+    root = tmp_path_factory.mktemp("fm")
+    write_mnist(root / "data", n_train=24, n_test=20)
+    model = randomize(mv.create_model("mobilevit_xxs", num_classes=10))
+    with torch.no_grad():
+        model.fc.weight.mul_(20)  # image-dependent predictions
+    path = mv.save_checkpoint(
+        model.state_dict(), model.config, root / "fm.safetensors", arch="mobilevit_xxs", meta={"preprocess": PREPROCESS}
+    )
+    return path, root / "data"
+
+
+def test_export_onnx_then_eval_it_matches_pytorch_eval(capsys, fm_ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt, data = fm_ckpt
+    code, out, _ = _run(capsys, "export", "--weights", ckpt, "--format", "onnx", "--dynamic", "-o", tmp_path / "m.onnx")
+    assert code == 0 and "input 64x64" in out and (tmp_path / "m.onnx").is_file()
+    base = ["eval", "--weights", ckpt, "--data", data, "--num-workers", 0, "--batch-size", 7, "--json"]
+    code, out, _ = _run(capsys, *base)
+    torch_metrics = json.loads(out)
+    code, out, _ = _run(capsys, *base, "--onnx", tmp_path / "m.onnx")
+    onnx_metrics = json.loads(out)
+    assert code == 0 and onnx_metrics["count"] == torch_metrics["count"] == 20
+    assert onnx_metrics["top1"] == torch_metrics["top1"] and onnx_metrics["top5"] == torch_metrics["top5"]
+    assert abs(onnx_metrics["loss"] - torch_metrics["loss"]) < 1e-4
+
+
+def test_export_int8_with_calibration_and_eval(capsys, fm_ckpt, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ckpt, data = fm_ckpt
+    out_path = tmp_path / "m.int8.onnx"
+    args = ["export", "--weights", ckpt, "--format", "onnx", "--int8", "--calibration", data]
+    code, out, _ = _run(capsys, *args, "--calibration-images", 16, "-o", out_path)
+    assert code == 0 and "int8" in out
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out_path)).graph.node)
+    code, out, _ = _run(capsys, "eval", "--weights", ckpt, "--data", data, "--num-workers", 0, "--onnx", out_path)
+    assert code == 0 and "top-1" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--format", "coreml", "--int8", "--calibration", "x"], "--int8 is supported for --format onnx only"),
+        (["--format", "onnx", "--int8"], "--int8 needs --calibration"),
+        (["--format", "onnx", "--int8", "--calibration", "/no/such/dir"], "/no/such/dir"),
+    ],
+)
+def test_export_option_errors_are_clear(capsys, fm_ckpt, tmp_path, extra, message):
+    ckpt, _ = fm_ckpt
+    code, _, err = _run(capsys, "export", "--weights", ckpt, *extra, "-o", tmp_path / "x.onnx")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_eval_onnx_missing_file_is_a_clear_error(capsys, fm_ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    ckpt, data = fm_ckpt
+    code, _, err = _run(capsys, "eval", "--weights", ckpt, "--data", data, "--onnx", tmp_path / "none.onnx")
+    assert code == 2 and "none.onnx" in err
+
+
+def test_bench_table_json_and_plot(capsys, tmp_path):
+    pytest.importorskip("timm")
+    args = ["bench", "--models", "mobilevit_xxs", "--batch-sizes", "1,2", "--size", 64, "--impl", "timm,ours,deploy"]
+    code, out, _ = _run(
+        capsys, *args, "--warmup", 1, "--repeats", 2, "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png"
+    )
+    assert code == 0
+    assert "| mobilevit_xxs | 1 | deploy |" in out and "| mobilevit_xxs | 2 | timm |" in out and "sgemm" in out
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert len(rows) == 6 and {r["impl"] for r in rows} == {"timm", "ours", "deploy"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["floor_ratio"] > 1  # nothing beats the arithmetic floor
+        assert r["throughput"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+        if r["impl"] == "timm":
+            assert r["speedup"] == pytest.approx(1.0)
+    assert (tmp_path / "b.png").stat().st_size > 5000
+
+
+def test_bench_bad_arguments(capsys):
+    code, _, err = _run(capsys, "bench", "--impl", "tensorrt")
+    assert code == 2 and "unknown implementation" in err
+    code, _, err = _run(capsys, "bench", "--batch-sizes", "1,x")
+    assert code == 2 and "--batch-sizes" in err
+    code, _, err = _run(capsys, "bench", "--models", "mobilevit_l")
+    assert code == 2 and "unknown model" in err
