@@ -42,7 +42,6 @@ class BenchRow:
     throughput: float
     speedup: float | None = None  # baseline median / this median
     floor_ratio: float | None = None  # this median / FLOP floor
-    note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,8 +152,13 @@ def available_impls() -> list[str]:
     """The implementations whose packages are installed here."""
     import importlib.util
 
-    needs = {"timm": "timm", "hf": "transformers", "onnx": "onnxruntime", "onnx-int8": "onnxruntime"}
-    needs["executorch"] = "executorch"
+    needs = {
+        "timm": "timm",
+        "hf": "transformers",
+        "onnx": "onnxruntime",
+        "onnx-int8": "onnxruntime",
+        "executorch": "executorch",
+    }
     return [i for i in IMPLS if importlib.util.find_spec(needs.get(i, "torch")) is not None]
 
 
