@@ -22,6 +22,7 @@ Example (CPU, 2 threads)::
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
@@ -175,6 +176,14 @@ def format_table(results: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
+def _version(package: str) -> str:
+    """Installed version, or the module's ``__version__`` when it runs from a source tree (PYTHONPATH)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.import_module(package).__version__ + " (source)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         results += pair
         speeds = ", ".join(f"{r['library']} {r['images_per_second']:.1f} img/s" for r in pair)
         print(f"{name}: {speeds}", file=sys.stderr)
-    versions = {lib: importlib.metadata.version(lib) for lib in ("torch", *LIBRARIES)}
+    versions = {lib: _version(lib) for lib in ("torch", *LIBRARIES)}
     amp = " bf16 autocast" if args.amp and args.device == "cuda" else ""
     setup = f"batch {args.batch_size} @ {args.image_size}px, {args.device} ({args.threads} threads){amp}"
     timing = f"median of {args.steps} interleaved steps after {args.warmup} warm-up"

@@ -250,6 +250,26 @@ def test_train_transform_crop_and_flip():
         TrainTransform(interpolation="lanczos")
 
 
+def test_train_transform_random_erasing():
+    grey = torch.full((1, 28, 28), 255, dtype=torch.uint8)  # all white: erased pixels are the ones below 1
+    never = TrainTransform(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), erase=0.0)
+    always = TrainTransform(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), erase=1.0, erase_scale=(0.1, 0.2))
+    assert torch.equal(never(grey, None, torch.Generator()), torch.ones(3, 32, 32))
+    for seed in range(20):
+        out = always(grey, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, always(grey, None, torch.Generator().manual_seed(seed)))  # seeded
+        erased = out[0] < 1
+        rows, cols = erased.any(1).nonzero()[:, 0], erased.any(0).nonzero()[:, 0]
+        h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert 0.1 * 1024 - 40 <= h * w <= 0.2 * 1024 + 40  # one rectangle of the asked area (rounding aside)
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # gray noise for a grayscale image
+        assert out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="erase"):
+        TrainTransform(erase=1.5)
+    with pytest.raises(ValueError, match="erase_scale"):
+        TrainTransform(erase_scale=(0.5, 0.1))
+
+
 def test_resize_and_eval_transforms():
     image = gradient()
     out = ResizeTransform(16)(image)

@@ -150,9 +150,11 @@ class TrainTransform:
     """RandomResizedCrop to a square ``size`` and horizontal flip, as a float ``[3, size, size]`` tensor in [0, 1].
 
     Crops cover a ``scale`` fraction of the area with aspect ratio in ``ratio`` (log-uniform); ``hflip`` is
-    the flip probability. Randomness comes only from ``generator`` (torch's global RNG when it is None).
-    Accepts a PIL image or a ``[1|3, H, W]`` tensor (uint8, or float in [0, 1]); grayscale is broadcast to
-    RGB (an expanded view: stack or clone it before writing in place).
+    the flip probability. With probability ``erase``, a rectangle of the result (``erase_scale`` of its area,
+    aspect ratio in ``erase_ratio``, log-uniform) is then filled with uniform noise (random erasing, Zhong et
+    al. 2017; gray noise for grayscale images). Randomness comes only from ``generator`` (torch's global RNG
+    when it is None). Accepts a PIL image or a ``[1|3, H, W]`` tensor (uint8, or float in [0, 1]); grayscale
+    is broadcast to RGB (an expanded view when nothing was erased: stack or clone it before writing in place).
     """
 
     size: int = 256
@@ -160,22 +162,28 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     interpolation: str = "bilinear"
+    erase: float = 0.0
+    erase_scale: tuple[float, float] = (0.02, 1 / 3)
+    erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)
 
     def __post_init__(self) -> None:
         _check_interpolation(self.interpolation)
-        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
-            raise ValueError(f"invalid crop scale {self.scale} or ratio {self.ratio}")
+        for name in ("scale", "erase_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"invalid {name} {(lo, hi)}: need 0 < low <= high <= 1")
+        for name in ("ratio", "erase_ratio"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"invalid {name} {(lo, hi)}: need 0 < low <= high")
+        if not 0 <= self.erase <= 1:
+            raise ValueError(f"erase is a probability in [0, 1], got {self.erase}")
 
     def crop_box(self, height: int, width: int, uniforms: Sequence[float]) -> tuple[int, int, int, int]:
         """``(top, left, h, w)`` of a crop of a ``height x width`` image from ``4 * _ATTEMPTS`` uniforms in [0, 1)."""
-        area, (lo, hi) = height * width, (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for k in range(_ATTEMPTS):
-            u_area, u_ratio, u_top, u_left = uniforms[4 * k : 4 * k + 4]
-            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u_area)
-            aspect = math.exp(lo + (hi - lo) * u_ratio)
-            w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+        box = _random_box(height, width, self.scale, self.ratio, uniforms)
+        if box is not None:
+            return box
         # no luck: the whole image, centre-cropped to the nearest allowed aspect ratio
         h, w = height, width
         if width / height < self.ratio[0]:
@@ -194,7 +202,32 @@ class TrainTransform:
         if uniforms[-1] < self.hflip:
             crop = crop.flip(-1)
         side = size or self.size
-        return _resize(crop, (side, side), self.interpolation)
+        out = _resize(crop, (side, side), self.interpolation)
+        if self.erase and torch.rand(1, generator=generator).item() < self.erase:
+            box = _random_box(
+                side, side, self.erase_scale, self.erase_ratio, torch.rand(4 * _ATTEMPTS, generator=generator).tolist()
+            )
+            if box is not None:
+                top, left, h, w = box
+                out = out.clone()  # may be an expanded grayscale view
+                out[:, top : top + h, left : left + w] = torch.rand(image.shape[0], h, w, generator=generator)
+        return out
+
+
+def _random_box(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], uniforms: Sequence[float]
+) -> tuple[int, int, int, int] | None:
+    """``(top, left, h, w)`` of a random box of ``scale`` x the area and aspect ratio in ``ratio`` (log-uniform),
+    from ``4 * _ATTEMPTS`` uniforms in [0, 1); None when no attempt fits."""
+    area, (lo, hi) = height * width, (math.log(ratio[0]), math.log(ratio[1]))
+    for k in range(_ATTEMPTS):
+        u_area, u_ratio, u_top, u_left = uniforms[4 * k : 4 * k + 4]
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(lo + (hi - lo) * u_ratio)
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    return None
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,12 @@ class ModelEMA(nn.Module):
         """Blend in ``model``'s weights after optimizer step ``step`` (counted from 0)."""
         momentum = max(self.momentum, 9 / (10 + step)) if self.warmup else self.momentum
         ema_state = self.module.state_dict()
+        floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for name, value in model.state_dict().items():
             target = ema_state[name]
             if target.dtype.is_floating_point:
-                target.lerp_(value.to(target.dtype), momentum)
+                floats[0].append(target)
+                floats[1].append(value.to(target.dtype))
             else:
                 target.copy_(value)
+        torch._foreach_lerp_(*floats, momentum)  # one multi-tensor kernel on GPU instead of one per tensor

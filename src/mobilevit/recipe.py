@@ -42,6 +42,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = 0.5
+    random_erase: float = 0.0  # probability of random erasing (a noise-filled rectangle) per training image
     eval_resize: int = 288
     eval_size: int = 256
     eval_batch: int = 100

@@ -143,7 +143,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
-        train_tf = TrainTransform(size=cfg.base_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
+        train_tf = TrainTransform(
+            size=cfg.base_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip, erase=cfg.random_erase
+        )
         self.eval_transform = EvalTransform(cfg.eval_resize, cfg.eval_size)
         full = build_dataset(cfg.data, "train", train_tf)
         self.classes = list(full.classes)
