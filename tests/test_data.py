@@ -19,8 +19,8 @@ from mobilevit.data import (
     DataError,
     FashionMNIST,
     ImageFolder,
-    ResizeTransform,
     TrainTransform,
+    _resize,
     build_dataset,
     collate,
     read_idx,
@@ -100,7 +100,7 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path):
 
 def test_fashion_mnist_fast_path_matches_pil_input(tmp_path: Path):
     write_mnist(tmp_path)
-    for transform in (TrainTransform(40), ResizeTransform(40), EvalTransform(36, 32)):
+    for transform in (TrainTransform(40), EvalTransform(36, 32), EvalTransform(40, 40)):
         ds = FashionMNIST(tmp_path, transform=transform)
         for index, size, seed in [(0, 64, 1), (5, 32, 2), (7, 48, 3)]:
             tensor, _ = ds[(index, size, seed)]
@@ -124,7 +124,7 @@ def test_fashion_mnist_errors(tmp_path: Path):
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_real_fashion_mnist_test_split():
-    ds = build_dataset("fashion-mnist", "val", ResizeTransform(32))
+    ds = build_dataset("fashion-mnist", "val", EvalTransform(32, 32))
     assert isinstance(ds, FashionMNIST) and ds.split == "test" and len(ds) == 10_000
     assert np.bincount(ds.targets).tolist() == [1000] * 10
     image, label = ds[0]
@@ -151,7 +151,7 @@ def test_image_folder(folder: Path):
 
 
 def test_unreadable_image_is_skipped_and_logged_once(folder: Path, caplog: pytest.LogCaptureFixture):
-    ds = ImageFolder(folder, transform=ResizeTransform(16))
+    ds = ImageFolder(folder, transform=EvalTransform(16, 16))
     with pytest.raises(OSError):
         ds.load(0)
     with caplog.at_level(logging.WARNING, logger="mobilevit.data"):
@@ -233,9 +233,9 @@ def test_train_transform_is_seeded_by_its_generator_only():
 def test_train_transform_crop_and_flip():
     image = gradient()
     full = TrainTransform(size=10, scale=(1.0, 1.0), ratio=(1.5, 1.5), hflip=1.0)
-    assert torch.equal(full(image, None, torch.Generator()), ResizeTransform(10)(image.flip(-1)))
+    assert torch.equal(full(image, None, torch.Generator()), _resize(image.flip(-1), (10, 10), "bilinear"))
     no_flip = TrainTransform(size=10, scale=(1.0, 1.0), ratio=(1.5, 1.5), hflip=0.0)
-    assert torch.equal(no_flip(image, None, torch.Generator()), ResizeTransform(10)(image))
+    assert torch.equal(no_flip(image, None, torch.Generator()), _resize(image, (10, 10), "bilinear"))
 
     transform = TrainTransform(scale=(0.2, 0.6), ratio=(0.5, 2.0))
     g = torch.Generator().manual_seed(0)
@@ -272,13 +272,12 @@ def test_train_transform_random_erasing():
 
 def test_resize_and_eval_transforms():
     image = gradient()
-    out = ResizeTransform(16)(image)
-    assert out.shape == (3, 16, 16) and torch.equal(out, ResizeTransform(8)(image, 16))
+    assert _resize(image, (16, 16), "bilinear").shape == (3, 16, 16)
     grey = torch.full((1, 5, 5), 51, dtype=torch.uint8)
-    assert torch.allclose(ResizeTransform(12, "bicubic")(grey), torch.full((3, 12, 12), 0.2))
+    assert torch.allclose(_resize(grey, (12, 12), "bicubic"), torch.full((3, 12, 12), 0.2))
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     for interpolation, size in [("bilinear", 7), ("bilinear", 45), ("bicubic", 11)]:  # like PIL (antialiased)
-        ours = ResizeTransform(size, interpolation)(image)
+        ours = _resize(image, (size, size), interpolation)
         reference = np.array(pil.resize((size, size), getattr(Image.Resampling, interpolation.upper())))
         assert (ours * 255 - torch.from_numpy(reference).permute(2, 0, 1)).abs().max() < 1.01
 

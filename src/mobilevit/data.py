@@ -230,23 +230,6 @@ def _random_box(
     return None
 
 
-@dataclass(frozen=True)
-class ResizeTransform:
-    """Resize to a square ``size`` (no crop) as a float ``[3, size, size]`` tensor in [0, 1]; deterministic."""
-
-    size: int = 256
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        _check_interpolation(self.interpolation)
-
-    def __call__(
-        self, image: Image.Image | Tensor, size: int | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        side = size or self.size
-        return _resize(_as_uint8_chw(image), (side, side), self.interpolation)
-
-
 # ------------------------------------------------------------------------------------------ datasets
 
 
