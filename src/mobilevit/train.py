@@ -349,11 +349,13 @@ class Trainer:
             with autocast(self.device, self.amp):
                 logits = self.net(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                self._diverged(loss.item(), lr)
+            hits = (logits.argmax(1) == labels).sum()
+            # the step's one host sync, before backward: the host then queues backward and the optimizer step
+            loss_value, hits_value = torch.stack([loss.detach(), hits.to(loss.dtype)]).tolist()
+            if not math.isfinite(loss_value):
+                self._diverged(loss_value, lr)
             self.scaler.scale(loss * scale / self.accum).backward()
-        hits = (logits.argmax(1) == labels).sum().item() * scale
-        return loss.item() * scale, hits
+        return loss_value * scale, hits_value * scale
 
     def _optimizer_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
