@@ -10,8 +10,8 @@ its second epoch sets how many epochs fit, and then each variant trains from scr
         --out runs/fm_gpu --run base "" --run erase "random_erase=0.25"
 
 Writes ``OUT/NAME/`` (each variant's run directory), ``OUT/summary.json`` (epochs, epoch times, best
-validation top-1 of every variant, test metrics of the selected one) and the selected variant's
-``best.safetensors``, ``curves.png``, ``confusion.png`` and ``samples.png``. Prints the ``mobilevit train`` command that reproduces the winner.
+validation top-1, the ``mobilevit train`` command of every variant; test metrics of the selected one) and
+the selected variant's ``best.safetensors``, ``curves.png``, ``confusion.png`` and ``samples.png``.
 """
 
 from __future__ import annotations
