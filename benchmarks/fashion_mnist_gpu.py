@@ -17,7 +17,6 @@ the selected variant's ``best.safetensors``, ``curves.png``, ``confusion.png`` a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mobilevit.report import read_metrics
 
 CALIBRATION_EPOCHS = 2
 
@@ -38,12 +39,9 @@ def train_command(args: argparse.Namespace, overrides: str, epochs: int, output:
     ]  # fmt: skip
 
 
-def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+def metric_rows(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "metrics.csv"
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    return read_metrics(path) if path.exists() else []
 
 
 def launch(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -81,8 +79,8 @@ def calibrate(args: argparse.Namespace, runs: dict[str, str]) -> dict[str, float
     return {name: t[-1] - t[-2] for name, t in seen.items() if len(t) == CALIBRATION_EPOCHS}
 
 
-def best_val(rows: list[dict[str, str]]) -> float:
-    return max(float(r[k]) for r in rows for k in ("val_top1", "ema_val_top1") if r.get(k))
+def best_val(rows: list[dict[str, float]]) -> float:
+    return max(r[k] for r in rows for k in ("val_top1", "ema_val_top1") if k in r)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = metric_rows(args.out / name)
         summary["runs"][name] = {
             "overrides": runs[name], "epochs": epochs[name], "exit_code": codes[name],
-            "epoch_s": [float(r["epoch_seconds"]) for r in rows], "best_val_top1": best_val(rows) if rows else None,
+            "epoch_s": [r["epoch_seconds"] for r in rows], "best_val_top1": best_val(rows) if rows else None,
             "command": "mobilevit " + shlex.join(train_command(args, runs[name], epochs[name], Path(f"runs/{name}"))[3:]),
         }  # fmt: skip
     finished = {n: r for n, r in summary["runs"].items() if r["exit_code"] == 0 and r["best_val_top1"] is not None}
