@@ -156,6 +156,12 @@ def test_eval_command_reports_accuracy_and_pictures(mnist: Path, tmp_path: Path,
 
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["count"] == 20 and 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    # --split holdout: the training images the run held out, giving back the validation accuracy it recorded
+    holdout = [*args, "--split", "holdout", "--val-fraction", "0.25", "--json"]
+    assert main(holdout) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    recorded = read_checkpoint(out / "best.safetensors").meta["training"]["val_top1"]
+    assert metrics["count"] == 12 and metrics["top1"] == pytest.approx(recorded)
     assert (tmp_path / "cm.png").stat().st_size > 1000 and (tmp_path / "samples.png").stat().st_size > 1000
     # a 1000-class model cannot be evaluated on 10 classes: clear error
     create = create_model("mobilevit_xxs")
@@ -164,6 +170,19 @@ def test_eval_command_reports_accuracy_and_pictures(mnist: Path, tmp_path: Path,
     save_checkpoint(create.state_dict(), create.config, tmp_path / "in1k.safetensors", arch="mobilevit_xxs")
     assert main(["eval", "--weights", str(tmp_path / "in1k.safetensors"), "--data", str(mnist)]) == 2
     assert "10 classes but the model predicts 1000" in capsys.readouterr().err
+
+
+def test_hflip_averages_the_logits_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    images, labels = torch.randn(6, 3, 4, 4), torch.randint(0, 5, (6,))
+    batches, cpu = [(images, labels, 0)], torch.device("cpu")
+    with torch.no_grad():
+        mean = (model(images) + model(images.flip(-1))) / 2
+    result = evaluate(model, batches, cpu, hflip=True, keep_predictions=True)
+    assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(mean, labels).item())
+    assert result.preds.tolist() == mean.argmax(1).tolist()
+    assert evaluate(model, batches, cpu).loss != pytest.approx(result.loss)
 
 
 def test_fine_tuning_loads_the_backbone_with_a_new_head(mnist: Path, tmp_path: Path):

@@ -148,7 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default="fashion-mnist", help="'fashion-mnist', a directory of IDX files, or an ImageFolder tree"
     )
-    p.add_argument("--split", default="test", help="train, val or test (default test)")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test", "holdout"],
+        default="test",
+        help="train, val, test, or holdout: the training images that `mobilevit train val_fraction=F seed=S` held "
+        "out for validation, with F and S from --val-fraction and --seed (default test)",
+    )
+    p.add_argument("--val-fraction", type=float, default=0.1, help="with --split holdout (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="with --split holdout: the run's seed (default 0)")
+    p.add_argument(
+        "--hflip", action="store_true", help="average the logits of each image and its mirror (twice the compute)"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=100, help="images per forward pass (default 100)")
     p.add_argument("--num-workers", type=_non_negative_int, default=2, help="image decoding processes (default 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -429,14 +440,18 @@ __all__ = ["IMAGE_SUFFIXES", "build_parser", "find_images", "main", "model_rows"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import build_dataset, collate
+    from .data import build_dataset, collate, split_holdout
     from .evaluate import evaluate
     from .train import eval_batches
 
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.weights)
     model = create_model(args.model or ckpt.arch or "mobilevit_s", weights=ckpt).eval().to(device)
-    dataset = build_dataset(args.data, args.split, model_transform(model))
+    if args.split == "holdout":
+        holdout = split_holdout(len(build_dataset(args.data, "train")), args.val_fraction, args.seed)[1]
+        dataset = build_dataset(args.data, "train", model_transform(model), indices=holdout)
+    else:
+        dataset = build_dataset(args.data, args.split, model_transform(model))
     if len(dataset.classes) != model.num_classes:
         raise ValueError(
             f"{args.data} ({args.split}) has {len(dataset.classes)} classes but the model predicts "
@@ -451,16 +466,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         collate_fn=collate,
     )
     keep = args.confusion is not None or args.samples is not None
-    result = evaluate(model, loader, device, args.amp, keep_predictions=keep, progress=sys.stderr.isatty())
+    result = evaluate(
+        model, loader, device, args.amp, keep_predictions=keep, progress=sys.stderr.isatty(), hflip=args.hflip
+    )
     name = arch_name(model) if args.onnx is None else str(args.onnx)
-    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split}
+    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "hflip": args.hflip}
     metrics |= result.to_dict()
     if args.json:
         print(json.dumps(metrics))
     else:
         print(
-            f"{metrics['model']} on {args.data} ({args.split}, {result.count} images): top-1 {result.top1:.2f}%  "
-            f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}"
+            f"{metrics['model']} on {args.data} ({args.split}, {result.count} images{', + mirror' * args.hflip}): "
+            f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}"
         )
     if result.skipped:
         print(f"warning: {result.skipped} unreadable image(s) skipped", file=sys.stderr)

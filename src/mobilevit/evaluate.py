@@ -41,9 +41,11 @@ def evaluate(
     amp: str = "none",
     keep_predictions: bool = False,
     progress: bool = False,
+    hflip: bool = False,
 ) -> EvalResult:
     """Mean cross-entropy, top-1 and top-5 accuracy (in %) over ``batches`` of ``(images, labels, skipped)``.
 
+    ``hflip`` averages the logits of each image and its mirror image (test-time augmentation; twice the compute).
     When distributed, each process passes its own shard and the totals are summed over processes.
     """
     was_training = model.training
@@ -56,8 +58,9 @@ def evaluate(
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp):
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if hflip:
+                logits = (logits + model(images.flip(-1)).float()) / 2
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
