@@ -32,7 +32,7 @@ def tiny(data: Path, out: Path, **extra: object) -> dict[str, object]:
     """Overrides that make the Fashion-MNIST recipe run in seconds on a few synthetic images."""
     values = dict(
         data=str(data), output=str(out), val_fraction=0.25, workers=0, base_size=32, base_batch=8, min_size=24,
-        max_size=40, num_scales=3, eval_resize=32, eval_size=32, eval_batch=16, epochs=2, warmup_iters=3,
+        max_size=40, num_scales=3, size_divisor=8, eval_resize=32, eval_size=32, eval_batch=16, epochs=2, warmup_iters=3,
         ema_momentum=0.01, tensorboard=False, progress=False, log_every=1,
     )  # fmt: skip
     return values | extra
