@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,18 @@ def test_bench_bad_arguments(capsys):
     assert code == 2 and "--batch-sizes" in err
     code, _, err = _run(capsys, "bench", "--models", "mobilevit_l")
     assert code == 2 and "unknown model" in err
+
+
+def _allocator_in_subprocess(preload: str | None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | ({"LD_PRELOAD": preload} if preload else {})
+    code = "from mobilevit.bench import malloc_name; print(malloc_name())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_bench_names_the_allocator():
+    assert _allocator_in_subprocess(None).strip() == "glibc malloc"
+    tcmalloc = next(iter(Path("/usr/lib").glob("*/libtcmalloc_minimal.so.4")), None)
+    if tcmalloc is None:
+        pytest.skip("libtcmalloc_minimal (Debian package libgoogle-perftools4) is not installed")
+    assert _allocator_in_subprocess(str(tcmalloc)).strip() == "tcmalloc"

@@ -47,6 +47,22 @@ class BenchRow:
         return asdict(self)
 
 
+def malloc_name() -> str:
+    """The memory allocator of this process: tcmalloc, jemalloc or mimalloc when one is preloaded, else the C library's.
+
+    Large tensors make the allocator matter on CPU: glibc's malloc returns big blocks to the system
+    and faults them in again on the next call (see docs/benchmarks.md).
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system malloc"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc malloc"
+
+
 def sgemm_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
     """Measured fp32 matrix-multiply rate (GFLOP/s) with ``threads`` threads: the arithmetic ceiling here."""
     torch.set_num_threads(threads)
@@ -241,7 +257,8 @@ def _timed_blocks(
 def format_table(rows: Sequence[BenchRow], gflops: float) -> str:
     """Markdown table of the rows, with speed-up against the baseline and distance to the FLOP floor."""
     lines = [
-        f"sgemm: {gflops:.0f} GFLOP/s ({torch.get_num_threads()} threads); floor = 2 x MACs / sgemm",
+        f"sgemm: {gflops:.0f} GFLOP/s ({torch.get_num_threads()} threads); floor = 2 x MACs / sgemm; "
+        f"allocator: {malloc_name()}",
         "",
         f"| model | batch | implementation | median ms | images/s | speed-up vs {BASELINE} | x FLOP floor |",
         "|---|---|---|---|---|---|---|",

@@ -577,7 +577,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, plot_bench, run_bench
+    from .bench import format_table, malloc_name, plot_bench, run_bench
 
     def ints(text: str, what: str) -> list[int]:
         try:
@@ -607,7 +607,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bar.close()
     print(format_table(rows, gflops))
     if args.json:
-        args.json.write_text(json.dumps({"sgemm_gflops": gflops, "rows": [r.as_dict() for r in rows]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"sgemm_gflops": gflops, "allocator": malloc_name(), "rows": [r.as_dict() for r in rows]}, indent=2
+            )
+        )
     if args.plot:
         print(f"plot: {plot_bench(rows, args.plot)}", file=sys.stderr)
     return EXIT_OK
