@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Inference speed under glibc's malloc and under tcmalloc, same machine, one after the other: the peers'
-# batch-8 times depend on the allocator more than on the model code (docs/benchmarks.md, "The allocator").
+# batch-8 times depend on the allocator more than on the model code (docs/benchmarks.md, "The memory allocator (CPU)").
 # Needs the Debian package libgoogle-perftools4 (tcmalloc). Usage: bash benchmarks/allocator_cpu.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -124,5 +124,5 @@ def test_bench_names_the_allocator():
     assert _allocator_in_subprocess(None).strip() == "glibc malloc"
     tcmalloc = next(iter(Path("/usr/lib").glob("*/libtcmalloc_minimal.so.4")), None)
     if tcmalloc is None:
-        pytest.skip("libtcmalloc_minimal (Debian package libgoogle-perftools4) is not installed")
+        pytest.skip("libtcmalloc_minimal (Debian package libtcmalloc-minimal4) is not installed")
     assert _allocator_in_subprocess(str(tcmalloc)).strip() == "tcmalloc"
