@@ -91,11 +91,11 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path):
     assert tensor.shape == (3, 28, 28) and tensor.dtype == torch.float32 and label == labels[3]
     assert torch.equal(tensor, torch.from_numpy(images[3]).float().div(255).expand(3, -1, -1))
 
-    test = FashionMNIST(tmp_path, "test", indices=[4, 0])
+    test = FashionMNIST(tmp_path, "test").subset([4, 0])
     assert len(test) == 2 and test.targets == [4, 0] and test.classes == FASHION_MNIST_CLASSES
     assert np.array_equal(np.asarray(test.load(0))[..., 0], data["t10k"][0][4])
     with pytest.raises(IndexError):
-        FashionMNIST(tmp_path, "test", indices=[5])
+        FashionMNIST(tmp_path, "test").subset([5])
 
 
 def test_fashion_mnist_fast_path_matches_pil_input(tmp_path: Path):
@@ -146,8 +146,12 @@ def test_image_folder(folder: Path):
     assert ds.targets == [0, 0, 1, 1] and len(ds) == 4
     image, label = ds[2]
     assert label == 1 and image.shape == (3, 8, 12) and torch.allclose(image[:, 0, 0], torch.tensor([1.0, 0, 0]))
-    subset = ImageFolder(folder, indices=[3, 1])
+    subset = ds.subset([3, 1], EvalTransform(4, 4))
     assert subset.classes == ["cat", "dog"] and subset.targets == [1, 0] and len(subset) == 2
+    assert subset.samples is ds.samples  # the file list is shared, not scanned again
+    assert subset[1][0].shape == (3, 4, 4) and ds[2][0].shape == (3, 8, 12)  # the parent keeps its transform
+    nested = subset.subset([1])  # positions in the subset, its transform
+    assert nested.targets == [0] and nested.load(0).size == ds.load(1).size and nested[0][0].shape == (3, 4, 4)
 
 
 def test_unreadable_image_is_skipped_and_logged_once(folder: Path, caplog: pytest.LogCaptureFixture):
@@ -284,6 +288,7 @@ def test_resize_and_eval_transforms():
     transform = EvalTransform(36, 32)
     assert transform(image).shape == (3, 32, 32)
     assert torch.equal(transform(image, 16, torch.Generator()), EvalTransform(18, 16)(image))
+    assert transform.at_size(16) == EvalTransform(18, 16) and transform.at_size(48).resize_size == 54
     assert torch.allclose(transform(grey), torch.full((3, 32, 32), 0.2))
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import save_image, write_mnist
-from mobilevit import create_model, read_checkpoint
+from mobilevit import create_model, model_transform, read_checkpoint
 from mobilevit.cli import main
 from mobilevit.data import FASHION_MNIST_CLASSES, build_dataset, collate
 from mobilevit.evaluate import evaluate
@@ -132,7 +132,7 @@ def test_training_run_writes_everything(mnist: Path, tmp_path: Path):
     assert model.num_classes == 10
     # the held-out validation images give back the accuracy recorded in the checkpoint
     val_idx = build_val_indices(mnist)
-    val = build_dataset(mnist, "train", EvalTransform(32, 32), indices=val_idx)
+    val = build_dataset(mnist, "train", EvalTransform(32, 32)).subset(val_idx)
     loader = torch.utils.data.DataLoader(val, batch_sampler=eval_batches(len(val), 16), collate_fn=collate)
     assert evaluate(model, loader, torch.device("cpu")).top1 == pytest.approx(ckpt.meta["training"]["val_top1"])
     # a second run into the same directory is refused instead of overwriting it
@@ -163,6 +163,15 @@ def test_eval_command_reports_accuracy_and_pictures(mnist: Path, tmp_path: Path,
     recorded = read_checkpoint(out / "best.safetensors").meta["training"]["val_top1"]
     assert metrics["count"] == 12 and metrics["top1"] == pytest.approx(recorded)
     assert (tmp_path / "cm.png").stat().st_size > 1000 and (tmp_path / "samples.png").stat().st_size > 1000
+    # --size: the weights' preprocessing at another crop size, as evaluate() on images read at that size
+    assert main([*args, "--size", "24", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    model = create_model("mobilevit_xxs", weights=out / "best.safetensors").eval()
+    test = build_dataset(mnist, "test", model_transform(model).at_size(24))
+    loader = torch.utils.data.DataLoader(test, batch_sampler=eval_batches(len(test), 7), collate_fn=collate)
+    expected = evaluate(model, loader, torch.device("cpu"))
+    assert metrics["size"] == 24 and model_transform(model).crop_size == 32
+    assert metrics["loss"] == pytest.approx(expected.loss) and metrics["top1"] == pytest.approx(expected.top1)
     # a 1000-class model cannot be evaluated on 10 classes: clear error
     create = create_model("mobilevit_xxs")
     from mobilevit import save_checkpoint
@@ -314,6 +323,6 @@ def test_ddp_two_processes_gloo(mnist: Path, tmp_path: Path):
     # validation was reduced over both ranks: it equals a single-process evaluation of the same weights
     ckpt = read_checkpoint(out / "best.safetensors")
     model = create_model("mobilevit_xxs", weights=ckpt)
-    val = build_dataset(mnist, "train", EvalTransform(32, 32), indices=build_val_indices(mnist))
+    val = build_dataset(mnist, "train", EvalTransform(32, 32)).subset(build_val_indices(mnist))
     loader = torch.utils.data.DataLoader(val, batch_sampler=eval_batches(len(val), 16), collate_fn=collate)
     assert evaluate(model, loader, torch.device("cpu")).top1 == pytest.approx(ckpt.meta["training"]["val_top1"])

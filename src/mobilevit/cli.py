@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="with --split holdout (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="with --split holdout: the run's seed (default 0)")
     p.add_argument(
+        "--size",
+        type=_positive_int,
+        default=None,
+        help="evaluate at this crop size; the resize side keeps the weights' ratio (default: the weights' eval size)",
+    )
+    p.add_argument(
         "--hflip", action="store_true", help="average the logits of each image and its mirror (twice the compute)"
     )
     p.add_argument("--batch-size", type=_positive_int, default=100, help="images per forward pass (default 100)")
@@ -447,11 +453,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.weights)
     model = create_model(args.model or ckpt.arch or "mobilevit_s", weights=ckpt).eval().to(device)
+    transform = model_transform(model)
+    if args.size is not None:
+        transform = transform.at_size(args.size)
     if args.split == "holdout":
-        holdout = split_holdout(len(build_dataset(args.data, "train")), args.val_fraction, args.seed)[1]
-        dataset = build_dataset(args.data, "train", model_transform(model), indices=holdout)
+        full = build_dataset(args.data, "train", transform)
+        dataset = full.subset(split_holdout(len(full), args.val_fraction, args.seed)[1])
     else:
-        dataset = build_dataset(args.data, args.split, model_transform(model))
+        dataset = build_dataset(args.data, args.split, transform)
     if len(dataset.classes) != model.num_classes:
         raise ValueError(
             f"{args.data} ({args.split}) has {len(dataset.classes)} classes but the model predicts "
@@ -470,13 +479,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, loader, device, args.amp, keep_predictions=keep, progress=sys.stderr.isatty(), hflip=args.hflip
     )
     name = arch_name(model) if args.onnx is None else str(args.onnx)
-    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "hflip": args.hflip}
+    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split}
+    metrics |= {"size": transform.crop_size, "hflip": args.hflip}
     metrics |= result.to_dict()
     if args.json:
         print(json.dumps(metrics))
     else:
         print(
-            f"{metrics['model']} on {args.data} ({args.split}, {result.count} images{', + mirror' * args.hflip}): "
+            f"{metrics['model']} on {args.data} ({args.split}, {result.count} images at {transform.crop_size} px"
+            f"{', + mirror' * args.hflip}): "
             f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  loss {result.loss:.4f}"
         )
     if result.skipped:

@@ -8,6 +8,7 @@ reproducible whatever the worker, rank or resumption. Unreadable images give ``N
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import logging
@@ -242,15 +243,26 @@ class ImageDataset(Dataset):
 
     classes: list[str]
 
-    def __init__(
-        self, total: int, labels: Sequence[int] | np.ndarray, transform: Transform | None, indices: Sequence[int] | None
-    ):
-        self.indices = np.arange(total) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self.indices.size and not (self.indices.min() >= 0 and self.indices.max() < total):
-            raise IndexError(f"indices out of range for a dataset of {total} samples")
-        self.targets: list[int] = np.asarray(labels)[self.indices].tolist()
+    def __init__(self, labels: Sequence[int] | np.ndarray, transform: Transform | None):
+        self.indices = np.arange(len(labels))
+        self.targets: list[int] = np.asarray(labels).tolist()
         self.transform = transform or to_tensor
         self._warned: set[int] = set()
+
+    def subset(self, indices: Sequence[int], transform: Transform | None = None) -> ImageDataset:
+        """The samples at ``indices`` (positions in this dataset), read with ``transform`` (default: this one's).
+
+        Shares the decoded data or file list with this dataset: nothing is read or scanned again.
+        """
+        picked = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if picked.size and not (picked.min() >= 0 and picked.max() < len(self)):
+            raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
+        part = copy.copy(self)
+        part.indices = self.indices[picked]
+        part.targets = [self.targets[i] for i in picked.tolist()]
+        part.transform = transform or self.transform
+        part._warned = set()
+        return part
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -297,7 +309,6 @@ class FashionMNIST(ImageDataset):
         root: str | Path = FASHION_MNIST_DIR,
         split: str = "train",
         transform: Transform | None = None,
-        indices: Sequence[int] | None = None,
     ):
         if split not in ("train", "test"):
             raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
@@ -311,7 +322,7 @@ class FashionMNIST(ImageDataset):
             raise DataError(f"{self.root}: {split} labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
         self.classes = list(FASHION_MNIST_CLASSES)
         self.images = torch.from_numpy(images)
-        super().__init__(len(images), labels, transform, indices)
+        super().__init__(labels, transform)
 
     def _pixels(self, source: int) -> Tensor:
         return self.images[source][None]
@@ -341,7 +352,7 @@ class ImageFolder(ImageDataset):
     Files with an image suffix (any case) are found recursively; hidden files and directories are ignored.
     """
 
-    def __init__(self, root: str | Path, transform: Transform | None = None, indices: Sequence[int] | None = None):
+    def __init__(self, root: str | Path, transform: Transform | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: no such directory")
@@ -353,7 +364,7 @@ class ImageFolder(ImageDataset):
             raise DataError(
                 f"{self.root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class subdirectories ROOT/CLASS/FILE"
             )
-        super().__init__(len(self.samples), [label for _, label in self.samples], transform, indices)
+        super().__init__([label for _, label in self.samples], transform)
 
     def _load(self, source: int) -> Image.Image:
         return open_image(self.samples[source][0])
@@ -368,7 +379,7 @@ def _find_images(directory: Path) -> list[Path]:
 
 
 def build_dataset(
-    name_or_path: str | Path, split: str, transform: Transform | None = None, indices: Sequence[int] | None = None
+    name_or_path: str | Path, split: str, transform: Transform | None = None
 ) -> FashionMNIST | ImageFolder:
     """The ``split`` ("train", "val" or "test") of ``"fashion-mnist"``, of a directory of IDX files or of an
     image folder (its ``train/`` and ``val/`` or ``test/`` subdirectories when it has them)."""
@@ -376,19 +387,19 @@ def build_dataset(
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     mnist_split = "train" if split == "train" else "test"
     if str(name_or_path).lower() in FASHION_MNIST_NAMES:
-        return FashionMNIST(FASHION_MNIST_DIR, mnist_split, transform, indices)
+        return FashionMNIST(FASHION_MNIST_DIR, mnist_split, transform)
     root = Path(name_or_path).expanduser()
     if not root.is_dir():
         raise DataError(f"{name_or_path}: not a directory, nor a known dataset ({', '.join(FASHION_MNIST_NAMES)})")
     if any((root / f"{p}-images-idx3-ubyte{gz}").is_file() for p in ("train", "t10k") for gz in ("", ".gz")):
-        return FashionMNIST(root, mnist_split, transform, indices)
+        return FashionMNIST(root, mnist_split, transform)
     candidates = ["train"] if split == "train" else [split, "val" if split == "test" else "test"]
     if any((root / d).is_dir() for d in ("train", "val", "test")):
         for name in candidates:
             if (root / name).is_dir():
-                return ImageFolder(root / name, transform, indices)
+                return ImageFolder(root / name, transform)
         raise DataError(f"{root}: no {' or '.join(candidates)} subdirectory for the {split} split")
-    return ImageFolder(root, transform, indices)
+    return ImageFolder(root, transform)
 
 
 def collate(items: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor, int]:

@@ -152,8 +152,8 @@ class Trainer:
         self.val_set = None
         if cfg.val_fraction > 0:
             train_idx, val_idx = split_holdout(len(full), cfg.val_fraction, cfg.seed)
-            self.train_set = build_dataset(cfg.data, "train", train_tf, indices=train_idx)
-            self.val_set = build_dataset(cfg.data, "train", self.eval_transform, indices=val_idx)
+            self.train_set = full.subset(train_idx)
+            self.val_set = full.subset(val_idx, self.eval_transform)
         else:
             self.train_set = full
             if cfg.val_split:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -29,12 +29,16 @@ class EvalTransform:
     ) -> Tensor:
         if isinstance(image, Image.Image):
             image = TF.pil_to_tensor(image.convert("RGB"))
-        crop = size or self.crop_size
-        resize = round(crop * self.resize_size / self.crop_size)
+        if size is not None and size != self.crop_size:
+            return self.at_size(size)(image)
         mode = TF.InterpolationMode(self.interpolation)
-        image = TF.resize(image, [resize], interpolation=mode, antialias=True)
-        image = TF.center_crop(image, [crop, crop])
+        image = TF.resize(image, [self.resize_size], interpolation=mode, antialias=True)
+        image = TF.center_crop(image, [self.crop_size, self.crop_size])
         return TF.to_dtype(image, torch.float32, scale=True).expand(3, -1, -1)
+
+    def at_size(self, size: int) -> EvalTransform:
+        """The same preprocessing with crop ``size``; the resize side keeps its ratio to the crop."""
+        return replace(self, resize_size=round(size * self.resize_size / self.crop_size), crop_size=size)
 
     def to_dict(self) -> dict[str, int | str]:
         return {"resize_size": self.resize_size, "crop_size": self.crop_size, "interpolation": self.interpolation}
