@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -249,7 +250,7 @@ class ImageDataset(Dataset):
         self.transform = transform or to_tensor
         self._warned: set[int] = set()
 
-    def subset(self, indices: Sequence[int], transform: Transform | None = None) -> ImageDataset:
+    def subset(self, indices: Sequence[int], transform: Transform | None = None) -> Self:
         """The samples at ``indices`` (positions in this dataset), read with ``transform`` (default: this one's).
 
         Shares the decoded data or file list with this dataset: nothing is read or scanned again.
