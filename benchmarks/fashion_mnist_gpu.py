@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from mobilevit.report import read_metrics
+from mobilevit.training.report import read_metrics
 
 CALIBRATION_EPOCHS = 2
 

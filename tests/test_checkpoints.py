@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import mobilevit as mv
-from mobilevit.layouts import expected_keys
+from mobilevit.checkpoints.layouts import expected_keys
 
 SIZES = [(256, 256), (224, 224), (250, 250), (192, 320)]
 TOL = 1e-4
@@ -162,7 +162,7 @@ def test_save_then_load_every_layout(tmp_path, layout):
     from conftest import randomize
 
     src = randomize(mv.create_model("mobilevit_xs", num_classes=3))
-    dst = tmp_path / ("out" if layout == "hf" else f"out{mv.checkpoints.WRITABLE[layout]}")
+    dst = tmp_path / ("out" if layout == "hf" else f"out{mv.checkpoints.io.WRITABLE[layout]}")
     meta = {"categories": ["a", "b", "c"]}
     mv.save_checkpoint(src.state_dict(), src.config, dst, layout=layout, arch="mobilevit_xs", meta=meta)
     ckpt = mv.read_checkpoint(dst)
@@ -305,7 +305,7 @@ def test_download_known_weights_by_name(tmp_path, monkeypatch, timm_model):
     monkeypatch.setenv("MOBILEVIT_WEIGHTS_MIRROR", mirror.as_uri())
     monkeypatch.setenv("MOBILEVIT_CACHE", str(tmp_path / "cache"))
     w = mv.get_weights("mobilevit_xxs.cvnets_in1k")
-    monkeypatch.setitem(mv.weights.WEIGHTS, w.name, dataclasses.replace(w, sha256=digest))
+    monkeypatch.setitem(mv.checkpoints.hub.WEIGHTS, w.name, dataclasses.replace(w, sha256=digest))
 
     model = mv.create_model("mobilevit_xxs", weights="mobilevit_xxs.cvnets_in1k")
     assert (tmp_path / "cache" / "mobilevit_xxs.pt").exists()
@@ -321,7 +321,7 @@ def test_download_checksum_mismatch_removes_file(tmp_path, monkeypatch):
     (tmp_path / "w.pt").write_bytes(b"not the real weights")
     monkeypatch.setenv("MOBILEVIT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="checksum mismatch"):
-        mv.weights.download((tmp_path / "w.pt").as_uri(), "0" * 64)
+        mv.checkpoints.hub.download((tmp_path / "w.pt").as_uri(), "0" * 64)
     assert not (tmp_path / "cache" / "w.pt").exists()
 
 
@@ -329,16 +329,16 @@ def test_download_without_checksum_records_one(tmp_path, monkeypatch):
     (tmp_path / "w.pt").write_bytes(b"v1")
     monkeypatch.setenv("MOBILEVIT_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="no published checksum"):
-        path = mv.weights.download((tmp_path / "w.pt").as_uri())
+        path = mv.checkpoints.hub.download((tmp_path / "w.pt").as_uri())
     path.write_bytes(b"tampered")
     with pytest.raises(ValueError, match="checksum mismatch"):
-        mv.weights.download((tmp_path / "w.pt").as_uri())
+        mv.checkpoints.hub.download((tmp_path / "w.pt").as_uri())
 
 
 def test_unreachable_url_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILEVIT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ConnectionError, match="MOBILEVIT_WEIGHTS_MIRROR"):
-        mv.weights.download((tmp_path / "missing.pt").as_uri())
+        mv.checkpoints.hub.download((tmp_path / "missing.pt").as_uri())
 
 
 @pytest.mark.parametrize("name, arch", [("mobilevit_xxs", "xx_small"), ("mobilevit_s", "small")])

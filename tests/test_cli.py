@@ -127,7 +127,7 @@ def test_models_table(capsys):
     code, out, _ = _run(capsys, "models")
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
-    assert list(rows) == mv.list_models()
+    assert list(rows) == mv.list_models(None) == [*mv.list_models(), *mv.list_models("segmentation")]
     expected = {
         "mobilevit_xxs": ("1,272,024", "0.42", "69.0"),
         "mobilevit_xs": ("2,317,848", "1.05", "74.7"),
@@ -135,16 +135,18 @@ def test_models_table(capsys):
     }
     for name, (params, macs, top1) in expected.items():
         row = rows[name]
-        assert row[1:4] == [params, macs, "G"]
-        assert row[4] == f"{name}.cvnets_in1k"
-        assert row[5] == f"({top1}"
+        assert row[1:5] == [params, macs, "G", "256x256"]
+        assert row[5] == f"{name}.cvnets_in1k"
+        assert row[6] == f"({top1}"
+    for name, params in (("xxs", "1,854,853"), ("xs", "2,944,069"), ("s", "6,357,941")):  # 21 VOC classes
+        assert rows[f"mobilevit_{name}_deeplabv3"][1:2] == [params] and "512x512" in rows[f"mobilevit_{name}_deeplabv3"]
 
 
 def test_models_json(capsys):
     code, out, _ = _run(capsys, "models", "--json", "--size", "224")
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
-    assert [r["params"] for r in rows.values()] == [1_272_024, 2_317_848, 5_578_632]
+    assert [r["params"] for r in rows.values() if r["task"] == "classification"] == [1_272_024, 2_317_848, 5_578_632]
     assert rows[ARCH]["macs"] == mv.count_macs(mv.create_model(ARCH), (224, 224))
     assert rows[ARCH]["input_size"] == [224, 224]
     assert 0.30e9 < rows[ARCH]["macs"] < 0.42e9 * (224 / 256) ** 2 * 1.05  # smaller input, fewer MACs
@@ -282,7 +284,9 @@ def test_convert_layout_in(capsys, tmp_path, three_class_ckpt):
     assert code == 0 and "cvnets layout" in out
     code, _, err = _run(capsys, "convert", cvnets, tmp_path / "no.safetensors", "--layout-in", "timm")
     assert code == 2
-    assert err.startswith("error: ") and "looks like a timm MobileViT checkpoint but its keys differ" in err
+    assert (
+        err.startswith("error: ") and "looks like a timm MobileViT classification checkpoint but its keys differ" in err
+    )
     assert not (tmp_path / "no.safetensors").exists()
 
 

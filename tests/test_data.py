@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import idx_bytes, save_image, write_mnist
-from mobilevit.data import (
+from mobilevit.data.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     DataError,
@@ -26,8 +26,8 @@ from mobilevit.data import (
     read_idx,
     split_holdout,
 )
-from mobilevit.sampler import MultiScaleBatchSampler
-from mobilevit.transforms import EvalTransform
+from mobilevit.data.sampler import MultiScaleBatchSampler
+from mobilevit.data.transforms import EvalTransform
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_unreadable_image_is_skipped_and_logged_once(folder: Path, caplog: pytes
     ds = ImageFolder(folder, transform=EvalTransform(16, 16))
     with pytest.raises(OSError):
         ds.load(0)
-    with caplog.at_level(logging.WARNING, logger="mobilevit.data"):
+    with caplog.at_level(logging.WARNING, logger="mobilevit.data.datasets"):
         assert ds[0] is None and ds[(0, 16, 1)] is None
     assert len(caplog.records) == 1 and str(folder / "cat" / "broken.jpg") in caplog.records[0].getMessage()
 

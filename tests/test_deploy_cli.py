@@ -115,7 +115,7 @@ def test_bench_bad_arguments(capsys):
 
 def _allocator_in_subprocess(preload: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | ({"LD_PRELOAD": preload} if preload else {})
-    code = "from mobilevit.bench import malloc_name; print(malloc_name())"
+    code = "from mobilevit.deployment.bench import malloc_name; print(malloc_name())"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
 
 

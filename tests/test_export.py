@@ -12,9 +12,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import mobilevit as mv
 from conftest import randomize
-from mobilevit import export
-from mobilevit.export import ExportError
-from mobilevit.layers import ConvNormAct
+from mobilevit.deployment import export
+from mobilevit.deployment.export import ExportError
+from mobilevit.models.layers import ConvNormAct
 
 SIZE = (128, 128)
 ATOL = 1e-4

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mobilevit as mv
-from mobilevit.flops import count_params
-from mobilevit.layers import fold_patches, unfold_patches
+from mobilevit.models.flops import count_params
+from mobilevit.models.layers import fold_patches, unfold_patches
 
 PARAMS = {"mobilevit_xxs": 1_272_024, "mobilevit_xs": 2_317_848, "mobilevit_s": 5_578_632}
 GMACS = {"mobilevit_xxs": 0.418, "mobilevit_xs": 1.052, "mobilevit_s": 2.033}

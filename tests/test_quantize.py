@@ -9,13 +9,13 @@ import torch
 
 import mobilevit as mv
 from conftest import randomize, write_mnist
-from mobilevit.data import FashionMNIST
+from mobilevit.data.datasets import FashionMNIST
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from mobilevit.export import export_model, run_onnx  # noqa: E402
-from mobilevit.quantize import calibration_images, quantize_onnx  # noqa: E402
+from mobilevit.deployment.export import export_model, run_onnx  # noqa: E402
+from mobilevit.deployment.quantize import calibration_images, quantize_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")

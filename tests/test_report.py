@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from mobilevit.report import confusion_matrix, plot_confusion, plot_curves, plot_samples, read_metrics
+from mobilevit.training.report import confusion_matrix, plot_confusion, plot_curves, plot_samples, read_metrics
 
 HEADER = (
     "epoch,step,lr,train_loss,train_top1,val_loss,val_top1,val_top5,ema_val_loss,ema_val_top1,ema_val_top5,"

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mobilevit.sampler import MultiScaleBatchSampler, multiscale_sizes
+from mobilevit.data.sampler import MultiScaleBatchSampler, multiscale_sizes
 
 SIZES = [(32, 5), (64, 3), (96, 2)]
 

@@ -18,12 +18,12 @@ import torch
 from conftest import save_image, write_mnist
 from mobilevit import create_model, model_transform, read_checkpoint
 from mobilevit.cli import main
-from mobilevit.data import FASHION_MNIST_CLASSES, build_dataset, collate
-from mobilevit.evaluate import evaluate
-from mobilevit.optim import ModelEMA, cosine_lr
-from mobilevit.recipe import TrainConfig, list_recipes, load_recipe, parse_overrides
-from mobilevit.train import Trainer, TrainingDiverged, eval_batches, read_train_state, train
-from mobilevit.transforms import EvalTransform
+from mobilevit.data.datasets import FASHION_MNIST_CLASSES, build_dataset, collate
+from mobilevit.data.transforms import EvalTransform
+from mobilevit.training.evaluate import evaluate
+from mobilevit.training.optim import ModelEMA, cosine_lr
+from mobilevit.training.recipe import TrainConfig, list_recipes, load_recipe, parse_overrides
+from mobilevit.training.trainer import Trainer, TrainingDiverged, eval_batches, read_train_state, train
 
 RECIPE = "mobilevit_xxs_fashion_mnist"
 
@@ -141,7 +141,7 @@ def test_training_run_writes_everything(mnist: Path, tmp_path: Path):
 
 
 def build_val_indices(mnist: Path) -> list[int]:
-    from mobilevit.data import split_holdout
+    from mobilevit.data.datasets import split_holdout
 
     return split_holdout(48, 0.25, 0)[1]
 

@@ -1,14 +1,15 @@
-"""MobileViT v1 (arXiv 2110.02178): exact models, weights of every ecosystem, inference and export."""
+"""MobileViT v1 (arXiv 2110.02178): exact classification and segmentation models, weights of every ecosystem, training, inference and export."""
 
-from .checkpoints import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
-from .config import VARIANTS, MobileViTConfig
-from .deploy import DeployedMobileViT, deploy
-from .export import ExportError, export_model
+from .checkpoints.hub import Weights, get_weights, imagenet_categories, list_weights
+from .checkpoints.io import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
+from .data.transforms import EvalTransform
+from .deployment.export import ExportError, export_model
+from .deployment.fuse import DeployedMobileViT, deploy
 from .factory import create_model, list_models, load_checkpoint, model_categories, model_transform
-from .flops import count_macs
-from .model import MobileViT
-from .transforms import EvalTransform
-from .weights import Weights, get_weights, imagenet_categories, list_weights
+from .models.backbone import MobileViT
+from .models.config import VARIANTS, MobileViTConfig
+from .models.deeplabv3 import DeepLabV3Config, MobileViTDeepLabV3
+from .models.flops import count_macs
 
 __version__ = "0.1.0"
 
@@ -16,11 +17,13 @@ __all__ = [
     "VARIANTS",
     "Checkpoint",
     "CheckpointError",
+    "DeepLabV3Config",
     "DeployedMobileViT",
     "EvalTransform",
     "ExportError",
     "MobileViT",
     "MobileViTConfig",
+    "MobileViTDeepLabV3",
     "Weights",
     "count_macs",
     "create_model",

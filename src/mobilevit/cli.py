@@ -18,15 +18,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoints import WRITABLE, CheckpointError, save_checkpoint
-from .data import IMAGE_SUFFIXES, open_image
-from .distributed import resolve_device
-from .export import ExportError
+from .checkpoints.hub import get_weights, list_weights
+from .checkpoints.io import WRITABLE, CheckpointError, save_checkpoint
+from .checkpoints.layouts import LAYOUTS
+from .data.datasets import IMAGE_SUFFIXES, open_image
+from .deployment.export import ExportError
 from .factory import arch_name, create_model, list_models, load_checkpoint, model_categories, model_transform
-from .flops import count_macs, count_params
-from .layouts import LAYOUTS
-from .recipe import list_recipes, load_recipe, parse_overrides
-from .weights import get_weights, list_weights
+from .models.flops import count_macs, count_params
+from .training.distributed import resolve_device
+from .training.recipe import list_recipes, load_recipe, parse_overrides
 
 #: Errors of the library that the command reports as ``error: <message>`` (exit code 2), without a traceback.
 #: ``OSError`` covers ``FileNotFoundError``, ``ConnectionError`` and permission problems; ``CheckpointError``
@@ -82,14 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         "does: convolutions, linear layers, attention matmuls, norms; 1 MAC = 1 flop) and the known pretrained "
         "weights with their published ImageNet-1k top-1 / top-5.",
     )
-    p.add_argument("--size", type=_positive_int, default=256, help="square input size for MACs (default 256)")
+    p.add_argument(
+        "--size",
+        type=_positive_int,
+        default=None,
+        help="square input size for MACs (default: 256 for classifiers, 512 for segmentation, as published)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON list of objects instead of the table")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
         "predict",
-        help="classify images (files or directories)",
-        description="Classify images with a MobileViT. Directories are walked recursively for "
+        help="classify or segment images (files or directories)",
+        description="Classify images with a MobileViT, or segment them with segmentation weights (a class mask and "
+        "a colour overlay per image in --output-dir). Directories are walked recursively for "
         f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files (any case). Images that cannot be read are reported on "
         "stderr as 'skipped PATH: REASON' and left out. Exit code 0 when at least one image was classified, "
         "1 when none was.",
@@ -97,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories")
     p.add_argument(
         "--model",
-        choices=list_models(),
+        choices=list_models(None),
         default=None,
         help="architecture (default: the checkpoint's with --weights, else mobilevit_s)",
     )
@@ -108,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "without it the model is randomly initialised and its predictions are meaningless",
     )
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("predictions"),
+        help="segmentation models: where IMAGE_mask.png (class indices, VOC palette) and IMAGE_overlay.png go "
+        "(default ./predictions)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding processes (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -123,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "convert",
         help="convert a checkpoint between ecosystems",
         description="Read any supported checkpoint (our format, timm, Apple ml-cvnets, Hugging Face directory, "
-        "mmpretrain; layout detected from its keys) and write it in another layout. Our format (default) is one "
-        ".safetensors file that also keeps the class names and eval preprocessing; hf writes a directory "
-        "(class names kept as id2label); timm, cvnets and mmpretrain keep the tensors only.",
+        "mmpretrain; layout and task detected from its keys) and write it in another layout. Our format (default) "
+        "is one .safetensors file that also keeps the class names and eval preprocessing; hf writes a directory "
+        "(class names kept as id2label); timm, cvnets and mmpretrain keep the tensors only. Segmentation models "
+        "(DeepLabv3) convert between mobilevit, cvnets and hf.",
     )
     p.add_argument("src", metavar="SRC", help="checkpoint file, Hugging Face directory, URL or known weights name")
     p.add_argument("dst", metavar="DST", help="output file (directory for --to hf)")
@@ -137,16 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="top-1 / top-5 accuracy and loss on a labelled dataset",
+        help="top-1 / top-5 accuracy (classifiers) or mIoU (segmentation) on a labelled dataset",
         description="Evaluate a classifier on Fashion-MNIST (IDX files; default: the Debian package "
         "dataset-fashion-mnist) or on an ImageFolder tree (one sub-directory per class, sorted names = class "
-        "indices; with train/ and val/ sub-directories, --split picks one). Preprocessing comes from the weights. "
+        "indices; with train/ and val/ sub-directories, --split picks one). Evaluate a segmentation model on a "
+        "PASCAL VOC tree or an images/ + masks/ folder: mIoU, per-class IoU and pixel accuracy from one confusion "
+        "matrix over every labelled pixel (255 ignored), each image resized to --size for the network and "
+        "compared at its original size, as the official evaluation does. Preprocessing comes from the weights. "
         "Unreadable images are skipped and counted.",
     )
-    p.add_argument("--model", choices=list_models(), default=None, help="architecture (default: the checkpoint's)")
+    p.add_argument("--model", choices=list_models(None), default=None, help="architecture (default: the checkpoint's)")
     p.add_argument("--weights", required=True, help="checkpoint file, directory, URL or known weights name")
     p.add_argument(
-        "--data", default="fashion-mnist", help="'fashion-mnist', a directory of IDX files, or an ImageFolder tree"
+        "--data",
+        default="fashion-mnist",
+        help="'fashion-mnist', a directory of IDX files, or an ImageFolder tree; segmentation: a VOC tree or an "
+        "images/ + masks/ folder",
     )
     p.add_argument(
         "--split",
@@ -166,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hflip", action="store_true", help="average the logits of each image and its mirror (twice the compute)"
     )
-    p.add_argument("--batch-size", type=_positive_int, default=100, help="images per forward pass (default 100)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=None, help="images per forward pass (default 100; segmentation 16)"
+    )
     p.add_argument("--num-workers", type=_non_negative_int, default=2, help="image decoding processes (default 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype (default none)")
@@ -202,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the inference form of a model (BatchNorm folded, see mobilevit.deploy) for "
         "deployment. onnx: input 'images' [B, 3, H, W] float RGB in [0, 1], output 'logits'; torchscript: a "
         "traced module; coreml: an .mlpackage whose input is an RGB image (the 1/255 scaling is built in); "
-        "executorch: a .pte program lowered to XNNPACK. H and W are fixed at --size; --dynamic makes the batch "
-        "dimension dynamic. --int8 writes a statically quantized ONNX model calibrated on --calibration images.",
+        "executorch: a .pte program lowered to XNNPACK. H and W are fixed at --size (onnx: --dynamic-size leaves "
+        "them dynamic); --dynamic makes the batch dimension dynamic. Segmentation models (*_deeplabv3) output "
+        "'logits' [B, classes, H, W] at the input size. --int8 writes a statically quantized ONNX model "
+        "calibrated on --calibration images.",
     )
-    p.add_argument("--model", choices=list_models(), default=None, help="architecture (default: the checkpoint's)")
+    p.add_argument("--model", choices=list_models(None), default=None, help="architecture (default: the checkpoint's)")
     p.add_argument("--weights", default=None, help="checkpoint file, directory, URL or known weights name")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "coreml", "executorch"])
     p.add_argument("-o", "--output", type=Path, default=None, help="output path (default: MODEL.SUFFIX here)")
@@ -214,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=_positive_int, default=1, help="batch size of the example input (default 1)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
+    p.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="(onnx) dynamic H and W too (--size is the size it is checked at, with a second one)",
+    )
     p.add_argument("--int8", action="store_true", help="(onnx) post-training static int8 quantization")
     p.add_argument(
         "--calibration",
@@ -225,24 +254,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="inference latency of ours, the deploy form, exports and peers (timm, Hugging Face)",
+        help="inference latency of ours, the deploy form, exports and peers (timm, Hugging Face, torchvision)",
         description="Median latency (ms per batch, after warm-up; each implementation timed in two blocks, in order "
         "then in reverse order) and "
-        "throughput for each model and batch size, with the speed-up against timm and the distance to the "
-        "arithmetic floor (2 x MACs / measured sgemm rate). Implementations whose packages are missing are left "
-        "out. 'compile' is torch.compile (inductor, frozen weights) of the deploy form: its first call compiles "
-        "for about a minute per shape.",
+        "throughput for each model and batch size, with the speed-up against timm (segmentation: Hugging Face) "
+        "and the distance to the arithmetic floor (2 x MACs / measured sgemm rate). Segmentation models "
+        "(*_deeplabv3) are compared with Hugging Face's MobileViTForSemanticSegmentation and torchvision's "
+        "DeepLabv3 / LR-ASPP MobileNetV3-Large (tv-deeplabv3, tv-lraspp; random weights). The header names the "
+        "CPU, its AVX2/AVX-512/VNNI/BF16/AMX support and the load average. Implementations whose packages are "
+        "missing are left out. 'compile' is torch.compile (inductor, frozen weights) of the deploy form: its "
+        "first call compiles for about a minute per shape.",
     )
-    p.add_argument("--models", default="mobilevit_xxs,mobilevit_xs,mobilevit_s", help="comma-separated models")
+    p.add_argument(
+        "--models",
+        default="mobilevit_xxs,mobilevit_xs,mobilevit_s",
+        help="comma-separated models: classifiers and/or segmentation models (mobilevit_xxs_deeplabv3, ...)",
+    )
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--size", type=_positive_int, default=256, help="square input size (default 256)")
     p.add_argument("--impl", default=None, help="comma-separated implementations (default: all available)")
+    p.add_argument(
+        "--patch-sizes",
+        nargs="+",
+        default=None,
+        metavar="P,P,P",
+        help="measure ours at each of these MobileViT patch sizes, e.g. 2,2,2 8,4,2 (peers once; default: the model's)",
+    )
     p.add_argument("--threads", type=_positive_int, default=2, help="intra-op threads for every implementation")
     p.add_argument("--warmup", type=_non_negative_int, default=5, help="untimed calls first (default 5)")
     p.add_argument("--repeats", type=_positive_int, default=20, help="timed rounds (default 20)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the rows as JSON")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw throughput bars")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="make datasets", description="Make datasets.")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    p = data.add_parser(
+        "scenes",
+        help="scenes of Fashion-MNIST items for segmentation and detection",
+        description="Generate a reproducible scene dataset: Fashion-MNIST items at random scales and places over "
+        "textured backgrounds (crops of scikit-image sample photos), with per-pixel masks (10 classes + "
+        "background) and boxes, written in the PASCAL VOC layout (JPEGImages/, SegmentationClass/, Annotations/, "
+        "ImageSets/) and the COCO layout (annotations/instances_SPLIT.json). Train and val scenes take items from "
+        "Fashion-MNIST's training split (disjoint images), test scenes from its test split.",
+    )
+    p.add_argument("output", type=Path, metavar="OUT", help="directory to create")
+    p.add_argument("--train", type=_non_negative_int, default=2000, help="training scenes (default 2000)")
+    p.add_argument("--val", type=_non_negative_int, default=500, help="validation scenes (default 500)")
+    p.add_argument("--test", type=_non_negative_int, default=1000, help="test scenes (default 1000)")
+    p.add_argument("--size", type=_positive_int, default=128, help="square scene side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0): same arguments, same files")
+    p.add_argument(
+        "--fashion-mnist",
+        default=None,
+        metavar="DIR",
+        help="directory of the IDX files (default: the Debian package's)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_data_scenes)
     return parser
 
 
@@ -263,11 +332,16 @@ def _non_negative_int(text: str) -> int:
 # ---------------------------------------------------------------------------------------- models
 
 
-def model_rows(size: int = 256) -> list[dict[str, Any]]:
-    """Parameters, MACs at ``size`` x ``size`` and known weights of every model."""
+#: The input side of each task's published results (classification 256, segmentation 512).
+TASK_SIZES = {"classification": 256, "segmentation": 512}
+
+
+def model_rows(size: int | None = None) -> list[dict[str, Any]]:
+    """Parameters, MACs at ``size`` x ``size`` (default: the task's published input) and known weights of every model."""
     rows = []
-    for name in list_models():
+    for name in list_models(None):
         model = create_model(name)
+        side = size or TASK_SIZES[model_task(model)]
         weights = []
         for w in map(get_weights, list_weights(name)):
             top = {k.rsplit("/", 1)[-1]: v for k, v in w.metrics.items()}
@@ -275,9 +349,10 @@ def model_rows(size: int = 256) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
+                "task": model_task(model),
                 "params": count_params(model),
-                "macs": count_macs(model, (size, size)),
-                "input_size": [size, size],
+                "macs": count_macs(model, (side, side)),
+                "input_size": [side, side],
                 "weights": weights,
             }
         )
@@ -298,13 +373,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
-    table = [["model", "params", f"MACs@{args.size}", "pretrained weights (ImageNet-1k top-1 / top-5)"]]
+    table = [["model", "params", "MACs", "input", "pretrained weights (ImageNet-1k top-1 / top-5)"]]
     for r in rows:
         names = [_format_weights(w) for w in r["weights"]] or ["-"]
-        table.append([r["name"], f"{r['params']:,}", _format_macs(r["macs"]), names[0]])
-        table += [["", "", "", n] for n in names[1:]]
+        side = r["input_size"][0]
+        table.append([r["name"], f"{r['params']:,}", _format_macs(r["macs"]), f"{side}x{side}", names[0]])
+        table += [["", "", "", "", n] for n in names[1:]]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    align = [str.ljust, str.rjust, str.rjust, str.ljust]
+    align = [str.ljust, str.rjust, str.rjust, str.rjust, str.ljust]
     for row in table:
         print("  ".join(a(cell, w) for a, cell, w in zip(align, row, widths, strict=True)).rstrip())
     return EXIT_OK
@@ -364,9 +440,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tqdm.write(message, file=sys.stderr)
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.weights) if args.weights else None
-    arch = args.model or (ckpt.arch if ckpt else None) or "mobilevit_s"
-    model = create_model(arch, weights=ckpt).eval().to(device)
+    arch = args.model or "mobilevit_s"
+    model = (load_model(args.weights, args.model) if args.weights else create_model(arch)).eval().to(device)
     if model.num_classes == 0:
         raise ValueError(f"{args.weights} has no classifier (num_classes=0): nothing to predict")
     if args.weights is None:
@@ -381,6 +456,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return EXIT_NOTHING_PREDICTED
+    if model_task(model) == "segmentation":
+        return _predict_segmentation(args, model, device, paths, categories, warn)
     loader = DataLoader(
         ImageFiles(paths, model_transform(model)),
         batch_size=args.batch_size,
@@ -413,6 +490,62 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _predict_segmentation(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    device: torch.device,
+    paths: list[Path],
+    categories: list[str],
+    warn: Callable[[str], None],
+) -> int:
+    """Per image: a palette PNG of class indices and a colour overlay in --output-dir, and the classes found."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from .data.segmentation import voc_colormap
+    from .training.report import overlay
+
+    size = model.weights_meta.get("preprocess", {}).get("size", 512)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    palette = voc_colormap(256).reshape(-1).tolist()
+    predicted = 0
+    for path in tqdm(paths, unit="img", desc="predict", file=sys.stderr, disable=None):
+        try:
+            image = open_image(path)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            warn(f"skipped {path}: {e}")
+            continue
+        pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(255)
+        resized = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        with torch.inference_mode():
+            logits = model(resized.to(device)).float()
+        mask = F.interpolate(logits, size=pixels.shape[-2:], mode="nearest").argmax(1)[0].cpu()
+        stem = out / path.stem
+        indexed = Image.fromarray(mask.numpy().astype(np.uint8), mode="P")
+        indexed.putpalette(palette)
+        indexed.save(f"{stem}_mask.png")
+        blended = (overlay(pixels, mask) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(blended).save(f"{stem}_overlay.png")
+        counts = torch.bincount(mask.reshape(-1), minlength=len(categories))
+        found = [
+            {"index": c, "label": categories[c], "fraction": int(counts[c]) / mask.numel()}
+            for c in counts.argsort(descending=True).tolist()
+            if counts[c]
+        ]
+        if args.json:
+            record = {"path": str(path), "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png", "classes": found}
+            tqdm.write(json.dumps(record, ensure_ascii=False), file=sys.stdout)
+        else:
+            parts = [f"{100 * f['fraction']:5.1f}% {f['label']}" for f in found]
+            tqdm.write(f"{path} -> {stem}_mask.png, {stem}_overlay.png\n  " + ", ".join(parts), file=sys.stdout)
+        predicted += 1
+    if not predicted:
+        print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
+        return EXIT_NOTHING_PREDICTED
+    return EXIT_OK
+
+
 def _format_prediction(path: Path, preds: list[dict[str, Any]], as_json: bool) -> str:
     if as_json:
         return json.dumps({"path": str(path), "topk": preds}, ensure_ascii=False)
@@ -426,8 +559,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.src, layout=args.layout_in)
     c = ckpt.config
     print(
-        f"read {args.src}: {ckpt.layout} layout, {ckpt.arch or 'non-standard MobileViT'}, "
-        f"{c.num_classes} classes, {len(ckpt.state_dict)} tensors"
+        f"read {args.src}: {ckpt.layout} layout, {ckpt.arch or 'non-standard MobileViT'}"
+        f"{'' if ckpt.task == 'classification' else f' ({ckpt.task})'}, {c.num_classes} classes, "
+        f"{len(ckpt.state_dict)} tensors"
     )
     meta = {k: ckpt.meta[k] for k in _META_KEYS if ckpt.meta.get(k)}
     if len(meta.get("categories", [])) != c.num_classes:
@@ -446,13 +580,14 @@ __all__ = ["IMAGE_SUFFIXES", "build_parser", "find_images", "main", "model_rows"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import build_dataset, collate, split_holdout
-    from .evaluate import evaluate
-    from .train import eval_batches
+    from .data.datasets import build_dataset, collate, split_holdout
+    from .training.evaluate import evaluate
+    from .training.trainer import eval_batches
 
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.weights)
-    model = create_model(args.model or ckpt.arch or "mobilevit_s", weights=ckpt).eval().to(device)
+    model = load_model(args.weights, args.model).eval().to(device)
+    if model_task(model) == "segmentation":
+        return _eval_segmentation(args, model, device)
     transform = model_transform(model)
     if args.size is not None:
         transform = transform.at_size(args.size)
@@ -470,7 +605,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, device = _OnnxClassifier(args.onnx), torch.device("cpu")
     loader = DataLoader(
         dataset,
-        batch_sampler=eval_batches(len(dataset), args.batch_size),
+        batch_sampler=eval_batches(len(dataset), args.batch_size or 100),
         num_workers=args.num_workers,
         collate_fn=collate,
     )
@@ -497,6 +632,100 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def load_model(weights: str, name: str | None = None) -> torch.nn.Module:
+    """The model that ``weights`` hold (a torchvision peer file, or any checkpoint ``create_model`` reads)."""
+    from .checkpoints.io import read_peer_header
+    from .models.peers import PREFIX
+
+    header = read_peer_header(weights)
+    if header is not None:
+        return create_model(PREFIX + header["config"]["peer"], weights=weights)
+    ckpt = load_checkpoint(weights)
+    return create_model(name or ckpt.arch or "mobilevit_s", weights=ckpt)
+
+
+def model_task(model: torch.nn.Module) -> str:
+    """``"classification"`` or ``"segmentation"``, from the model's config."""
+    return getattr(getattr(model, "config", None), "task", "classification")
+
+
+def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> int:
+    from .data.segmentation import SegEvalTransform, build_segmentation_dataset, collate_segmentation
+    from .training.evaluate import evaluate_segmentation
+    from .training.report import plot_confusion
+    from .training.trainer import eval_batches
+
+    if args.split == "holdout" or args.hflip or args.onnx is not None:
+        raise ValueError("--split holdout, --hflip and --onnx are for classifiers; segmentation uses train/val/test")
+    if str(args.data).lower().replace("_", "-") == "fashion-mnist":
+        raise ValueError(
+            f"{args.weights} is a segmentation model: give --data a VOC tree or an images/ + masks/ folder "
+            "(e.g. the scenes of `mobilevit data scenes`)"
+        )
+    size = args.size or model.weights_meta.get("preprocess", {}).get("size", 512)
+    dataset = build_segmentation_dataset(args.data, args.split, SegEvalTransform(size))
+    classes = list(dataset.classes)
+    if len(classes) != model.num_classes:
+        raise ValueError(
+            f"{args.data} ({args.split}) has {len(classes)} classes but the model predicts {model.num_classes}; "
+            f"fine-tune it first (mobilevit train ... weights={args.weights})"
+        )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=eval_batches(len(dataset), args.batch_size or 16),
+        num_workers=args.num_workers,
+        collate_fn=collate_segmentation,
+    )
+    result = evaluate_segmentation(model, loader, device, args.amp, progress=sys.stderr.isatty())
+    name = getattr(model.config, "name", None) or arch_name_of(model)
+    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "size": size}
+    metrics |= result.to_dict() | {"iou": dict(zip(classes, result.iou, strict=True))}
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"{name} on {args.data} ({args.split}, {result.count} images at {size} px, compared at their own size): "
+            f"mIoU {result.miou:.2f}%  pixel accuracy {result.pixel_acc:.2f}%  loss {result.loss:.4f}"
+        )
+        for cls, iou in zip(classes, result.iou, strict=True):
+            print(f"  {iou:6.2f}%  {cls}" if iou == iou else f"     -    {cls} (absent)")
+    if result.skipped:
+        print(f"warning: {result.skipped} unusable image(s) skipped", file=sys.stderr)
+    if args.confusion is not None:
+        title = f"{args.weights} on {args.data} ({args.split}), pixels"
+        plot_confusion(result.confusion, classes, args.confusion, title=title)
+        print(f"confusion matrix: {args.confusion}", file=sys.stderr)
+    if args.samples is not None:
+        _segmentation_samples(model, dataset, classes, args.samples, device, f"{name} on {args.data} ({args.split})")
+        print(f"sample predictions: {args.samples}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _segmentation_samples(
+    model: torch.nn.Module, dataset: Any, classes: list[str], path: Path, device: torch.device, title: str, n: int = 6
+) -> None:
+    """A picture of ``n`` seeded random images of ``dataset``: image, ground truth, prediction."""
+    from .training.report import plot_segmentation
+
+    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    items = [item for item in (dataset[i] for i in picks) if item is not None]
+    images, targets, preds = [], [], []
+    for image, mask in items:
+        with torch.inference_mode():
+            logits = model(image[None].to(device)).float()
+        logits = torch.nn.functional.interpolate(logits, size=mask.shape, mode="nearest")
+        preds.append(logits.argmax(1)[0].cpu())
+        images.append(torch.nn.functional.interpolate(image[None], size=mask.shape, mode="bilinear")[0])
+        targets.append(mask)
+    plot_segmentation(torch.stack(images), torch.stack(targets), torch.stack(preds), classes, path, title=title)
+
+
+def arch_name_of(model: torch.nn.Module) -> str:
+    """The variant name of one of our models (a segmentation model's includes its head)."""
+    backbone = getattr(model, "backbone", model)
+    return arch_name(backbone) + ("_deeplabv3" if backbone is not model else "")
+
+
 class _OnnxClassifier(torch.nn.Module):
     """An exported ONNX file behind the module interface ``evaluate`` expects (runs on onnxruntime, CPU)."""
 
@@ -507,7 +736,7 @@ class _OnnxClassifier(torch.nn.Module):
         self.path = path
 
     def forward(self, images: Tensor) -> Tensor:
-        from .export import run_onnx
+        from .deployment.export import run_onnx
 
         return run_onnx(self.path, images.cpu())
 
@@ -515,7 +744,7 @@ class _OnnxClassifier(torch.nn.Module):
 def _eval_pictures(
     args: argparse.Namespace, model: torch.nn.Module, dataset: Any, result: Any, device: torch.device
 ) -> None:
-    from .report import confusion_matrix, plot_confusion, plot_samples
+    from .training.report import confusion_matrix, plot_confusion, plot_samples
 
     classes = list(dataset.classes)
     if args.confusion is not None:
@@ -538,7 +767,7 @@ def _eval_pictures(
 def cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from .train import TrainingDiverged, train
+    from .training.trainer import TrainingDiverged, train
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
@@ -553,12 +782,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data_scenes(args: argparse.Namespace) -> int:
+    from .data.scenes import generate_scenes
+
+    summary = generate_scenes(
+        args.output,
+        num_train=args.train,
+        num_val=args.val,
+        num_test=args.test,
+        size=args.size,
+        seed=args.seed,
+        fashion_mnist_dir=args.fashion_mnist,
+        progress=None,
+        overwrite=args.overwrite,
+    )
+    for split, info in summary["splits"].items():
+        print(f"{split}: {info['scenes']} scenes, {info['objects']} objects")
+    print(f"wrote {summary['out_dir']} (VOC and COCO layouts) in {summary['seconds']:.1f} s")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------- export / bench
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .deploy import deploy
-    from .export import SUFFIXES, export_model
+    from .deployment.export import SUFFIXES, export_model
+    from .deployment.fuse import deploy
 
     if args.int8 and args.format != "onnx":
         raise ValueError(f"--int8 is supported for --format onnx only, not {args.format}")
@@ -571,24 +820,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     name = arch_name(model)
     out = args.output or Path(f"{name}{'.int8' if args.int8 else ''}{SUFFIXES[args.format]}")
     fast = deploy(model, channels_last=False)
-    kw = dict(image_size=(size, size), dynamic=args.dynamic or args.int8, batch_size=args.batch_size)
+    kw = dict(
+        image_size=(size, size),
+        dynamic=args.dynamic or args.int8,
+        batch_size=args.batch_size,
+        dynamic_size=args.dynamic_size,
+    )
     if not args.int8:
         path = export_model(fast, out, args.format, **kw)
     else:
         import tempfile
 
-        from .quantize import calibration_images, quantize_onnx
+        from .deployment.quantize import calibration_images, quantize_onnx
 
         images = calibration_images(args.calibration, transform, size, args.calibration_images)
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_model(fast, Path(tmp) / "fp32.onnx", "onnx", **kw)
             path = quantize_onnx(fp32, out, images)
-    print(f"wrote {path} ({args.format}{', int8' if args.int8 else ''}, {name}, input {size}x{size})")
+    shape = f"input {size}x{size}" + (" (H and W dynamic)" if args.dynamic_size else "")
+    print(f"wrote {path} ({args.format}{', int8' if args.int8 else ''}, {name}, {shape})")
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, malloc_name, plot_bench, run_bench
+    from .deployment.bench import cpu_info, format_table, known_models, load_average, malloc_name, plot_bench, run_bench
 
     def ints(text: str, what: str) -> list[int]:
         try:
@@ -600,10 +855,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return values
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in list_models()]
+    unknown = [m for m in models if m not in known_models()]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(list_models())}")
+        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(known_models())}")
     impls = [i.strip() for i in args.impl.split(",")] if args.impl else None
+    patch_sizes = [tuple(ints(p, "--patch-sizes")) for p in args.patch_sizes or []]
+    if any(len(p) != 3 for p in patch_sizes):
+        raise ValueError(f"--patch-sizes takes three sizes per entry (e.g. 2,2,2 8,4,2), got {args.patch_sizes}")
+    cpu, load_before = cpu_info(), load_average()
     bar = tqdm(desc="bench", disable=not sys.stderr.isatty(), bar_format="{desc}")
     rows, gflops = run_bench(
         models,
@@ -614,13 +873,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         progress=bar.set_description_str,
+        patch_sizes=patch_sizes or None,
     )
     bar.close()
-    print(format_table(rows, gflops))
+    print(format_table(rows, gflops, cpu))
     if args.json:
+        run = {"threads": args.threads, "size": args.size, "load_average": [load_before, load_average()]}
         args.json.write_text(
             json.dumps(
-                {"sgemm_gflops": gflops, "allocator": malloc_name(), "rows": [r.as_dict() for r in rows]}, indent=2
+                {"sgemm_gflops": gflops, "allocator": malloc_name(), "cpu": cpu, "run": run}
+                | {"rows": [r.as_dict() for r in rows]},
+                indent=2,
             )
         )
     if args.plot:

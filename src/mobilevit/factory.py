@@ -1,4 +1,4 @@
-"""Model builders: ``create_model``, ``list_models`` and weight loading."""
+"""Model builders: ``create_model``, ``list_models`` and weight loading, for every task."""
 
 from __future__ import annotations
 
@@ -7,20 +7,42 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
+from safetensors.torch import load_file
+from torch import Tensor
 
-from .checkpoints import Checkpoint, CheckpointError, read_checkpoint, shape_mismatches
-from .config import VARIANTS
-from .model import MobileViT
-from .transforms import EvalTransform
-from .weights import WEIGHTS, download, fetch_weights, imagenet_categories
+from .checkpoints.hub import WEIGHTS, download, fetch_weights, imagenet_categories
+from .checkpoints.io import (
+    ARCHITECTURES,
+    Checkpoint,
+    CheckpointError,
+    backbone_config,
+    config_task,
+    read_checkpoint,
+    read_peer_header,
+    shape_mismatches,
+    task_arch,
+)
+from .checkpoints.layouts import TASKS
+from .data.transforms import EvalTransform
+from .models.backbone import MobileViT
+from .models.config import VARIANTS
+from .models.deeplabv3 import MobileViTDeepLabV3
+from .models.peers import PREFIX as PEER_PREFIX
+from .models.peers import TorchvisionModel, load_peer_state
 
 log = logging.getLogger(__name__)
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return list(VARIANTS)
+#: A model of any task.
+Model = MobileViT | MobileViTDeepLabV3
+_MODEL_CLASSES = {"classification": MobileViT, "segmentation": MobileViTDeepLabV3}
+
+
+def list_models(task: str | None = "classification") -> list[str]:
+    """Names accepted by :func:`create_model`: the classifiers, ``task="segmentation"``'s models, or all (``None``)."""
+    if task is not None and task not in ARCHITECTURES:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(ARCHITECTURES)} or None")
+    return [name for t, archs in ARCHITECTURES.items() if task in (None, t) for name in archs]
 
 
 def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -51,53 +73,74 @@ def create_model(
     weights: str | os.PathLike | Checkpoint | None = None,
     num_classes: int | None = None,
     **overrides: Any,
-) -> MobileViT:
-    """Build ``mobilevit_xxs``, ``mobilevit_xs`` or ``mobilevit_s``, optionally with weights.
+) -> Model:
+    """Build a classifier (``mobilevit_xxs/xs/s``) or a segmentation model (``mobilevit_*_deeplabv3``).
 
     Args:
-        name: architecture, see :func:`list_models`.
+        name: architecture, see :func:`list_models` (``list_models(None)`` for every task).
         weights: a known name (``"mobilevit_s.cvnets_in1k"``), a URL, or a local checkpoint file /
             Hugging Face directory in any supported layout (detected automatically), or a
-            :class:`Checkpoint` already read with :func:`load_checkpoint`.
-        num_classes: classifier size. Defaults to the checkpoint's (or 1000). When it differs from
-            the checkpoint's, the backbone is loaded and a fresh classifier is created (fine-tuning).
-        overrides: other :class:`~mobilevit.config.MobileViTConfig` fields, e.g.
-            ``patch_sizes=(8, 4, 2)``, ``dropout=0.0``, ``classifier_dropout=0.2``.
+            :class:`Checkpoint` already read with :func:`load_checkpoint`. A segmentation model also
+            takes a classification checkpoint: its backbone is loaded, the head stays fresh.
+        num_classes: classifier size. Defaults to the checkpoint's (else 1000, or 21 for
+            segmentation). When it differs from the checkpoint's, everything but the classifier is
+            loaded and a fresh classifier is created (fine-tuning).
+        overrides: other config fields, e.g. ``patch_sizes=(8, 4, 2)``, ``dropout=0.0``,
+            ``output_stride=8``, ``aspp_dropout=0.2``. Unless overridden, ``patch_sizes`` (and a
+            segmentation checkpoint's ``output_stride`` and ``aspp_rates``) follow the checkpoint.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    if name.startswith(PEER_PREFIX):  # torchvision peers, trained by the same loop for comparisons
+        if overrides or isinstance(weights, Checkpoint):
+            raise ValueError(f"{name} takes no overrides and only weights files written by `mobilevit train`")
+        return _create_peer(name, weights, num_classes)
+    task = next((t for t, archs in ARCHITECTURES.items() if name in archs), None)
+    if task is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models(None)}")
     ckpt = weights if isinstance(weights, Checkpoint) or weights is None else load_checkpoint(weights)
-    if num_classes is None:
-        num_classes = ckpt.config.num_classes if ckpt else 1000
-    config = VARIANTS[name].replace(num_classes=num_classes, **overrides)
-    if ckpt and "patch_sizes" not in overrides:
-        config = config.replace(patch_sizes=ckpt.config.patch_sizes)
-    model = MobileViT(config)
+    base = ARCHITECTURES[task][name]
+    inherited: dict[str, Any] = {}
+    if ckpt is not None:
+        inherited["patch_sizes"] = backbone_config(ckpt.config).patch_sizes
+        if ckpt.task == task == "segmentation":
+            inherited |= {"output_stride": ckpt.config.backbone.output_stride, "aspp_rates": ckpt.config.aspp_rates}
+        if num_classes is None and ckpt.task == task:
+            num_classes = ckpt.config.num_classes
+    config = base.replace(
+        num_classes=base.num_classes if num_classes is None else num_classes, **(inherited | overrides)
+    )
+    model = _MODEL_CLASSES[task](config)
     if ckpt is not None:
         load_into(model, ckpt, ckpt.meta.get("source", "checkpoint"))
     return model
 
 
-def load_into(model: MobileViT, ckpt: Checkpoint, source: str = "checkpoint") -> None:
-    """Copy ``ckpt``'s tensors into ``model``; a classifier of another size is left freshly initialised."""
+def load_into(model: Model, ckpt: Checkpoint, source: str = "checkpoint") -> None:
+    """Copy ``ckpt``'s tensors into ``model``; a classifier of another size is left freshly initialised.
+
+    A classification checkpoint fills a segmentation model's backbone only (its final 1x1 conv
+    and classifier are not used); the head keeps its initialisation.
+    """
+    task = config_task(model.config)
+    state = _as_task(ckpt, task, source)
     model_state = model.state_dict()
-    bad = shape_mismatches(ckpt.state_dict, model_state)
+    bad = shape_mismatches(state, model_state, task)
     if bad:
         looks_like = ckpt.arch or "a non-standard MobileViT"
         raise CheckpointError(
             f"{source} is {looks_like} ({ckpt.layout} layout) but the model is "
             f"{arch_name(model)}: {len(bad)} tensors differ in shape, e.g. {'; '.join(bad[:3])}"
         )
-    state = dict(ckpt.state_dict)
-    head_kept = "fc.weight" in state and state["fc.weight"].shape == model_state.get("fc.weight", torch.empty(0)).shape
+    classifier = tuple(f"{m}." for m in TASKS[task].classifier)
+    weight = f"{TASKS[task].classifier[0]}.weight"
+    head_kept = weight in state and weight in model_state and state[weight].shape == model_state[weight].shape
     if not head_kept:
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        log.info("%s: classifier not loaded (checkpoint has %d classes, model %d)", source,
-                 ckpt.config.num_classes, model.num_classes)  # fmt: skip
+        state = {k: v for k, v in state.items() if not k.startswith(classifier)}
+        if ckpt.task == task:
+            log.info("%s: classifier not loaded (checkpoint has %d classes, model %d)", source,
+                     ckpt.config.num_classes, model.num_classes)  # fmt: skip
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [
-        k for k in missing if not k.endswith("num_batches_tracked") and not (k.startswith("fc.") and not head_kept)
-    ]
+    fresh = classifier if ckpt.task == task else tuple(k for k in model_state if not k.startswith(TASKS[task].prefix))
+    missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith(fresh)]
     if missing or unexpected:
         raise CheckpointError(f"{source}: missing {missing[:6]}, unexpected {unexpected[:6]}")
     model.weights_meta = {
@@ -107,21 +150,39 @@ def load_into(model: MobileViT, ckpt: Checkpoint, source: str = "checkpoint") ->
     }
 
 
-def arch_name(model: MobileViT) -> str:
-    """The variant name (``mobilevit_xs``) of ``model``, judged by its widths."""
+def _as_task(ckpt: Checkpoint, task: str, source: str) -> dict[str, Tensor]:
+    """``ckpt``'s tensors named as in a ``task`` model: a classifier's backbone goes under the task's prefix."""
+    if ckpt.task == task:
+        return ckpt.state_dict
+    spec = TASKS[task]
+    if ckpt.task != "classification":
+        raise CheckpointError(
+            f"{source} is a {ckpt.task} checkpoint ({ckpt.arch or 'non-standard'}, {ckpt.layout} layout); it cannot "
+            f"fill a {task} model. Build {ckpt.arch or 'the matching ' + ckpt.task + ' model'} instead"
+        )
+    state = {spec.prefix + k: v for k, v in ckpt.state_dict.items() if k.split(".")[0] not in spec.dropped}
+    log.info("%s: loaded the backbone of %s (%s layout, %d tensors) into a %s model; not used: %s; the head stays "
+             "freshly initialised", source, ckpt.arch or "a classifier", ckpt.layout, len(state), task,
+             ", ".join(spec.dropped))  # fmt: skip
+    return state
+
+
+def arch_name(model: Model) -> str:
+    """The architecture name (``mobilevit_xs``, ``mobilevit_xs_deeplabv3``) of ``model``, judged by its widths."""
+    c, task = backbone_config(model.config), config_task(model.config)
     for name, cfg in VARIANTS.items():
-        if cfg.channels == model.config.channels and cfg.transformer_dims == model.config.transformer_dims:
-            return name
-    return "a custom MobileViT"
+        if cfg.channels == c.channels and cfg.transformer_dims == c.transformer_dims:
+            return task_arch(name, task)
+    return "a custom MobileViT" + ("" if task == "classification" else f" {task} model")
 
 
-def model_transform(model: MobileViT) -> EvalTransform:
+def model_transform(model: Model) -> EvalTransform:
     """The eval preprocessing bound to the model's weights (official default otherwise)."""
     meta = getattr(model, "weights_meta", {})
     return EvalTransform(**meta.get("preprocess", {}))
 
 
-def model_categories(model: MobileViT) -> list[str]:
+def model_categories(model: Model) -> list[str]:
     """Class names of the model's classifier: from its weights, ImageNet-1k for 1000 classes, else indices."""
     cats = getattr(model, "weights_meta", {}).get("categories") or []
     if len(cats) == model.num_classes:
@@ -129,3 +190,21 @@ def model_categories(model: MobileViT) -> list[str]:
     if model.num_classes == 1000:
         return imagenet_categories()
     return [str(i) for i in range(model.num_classes)]
+
+
+def _create_peer(name: str, weights: str | os.PathLike | None, num_classes: int | None) -> TorchvisionModel:
+    """A ``torchvision:`` model, optionally with a weights file that ``mobilevit train`` wrote for a peer."""
+    if weights is None:
+        return TorchvisionModel(name, num_classes or 1000)
+    header = read_peer_header(weights)
+    if header is None:
+        raise CheckpointError(f"{weights} is not a torchvision peer weights file (written by `mobilevit train`)")
+    saved = header["config"]
+    model = TorchvisionModel(name, num_classes or saved["num_classes"])
+    head_kept = load_peer_state(model, load_file(str(weights)), saved["peer"], str(weights))
+    model.weights_meta = {
+        "source": str(weights),
+        "categories": header.get("categories", []) if head_kept else [],
+        "preprocess": header.get("preprocess", {}),
+    }
+    return model

@@ -1,0 +1,718 @@
+"""Export a classifier or a segmentation model to ONNX, TorchScript, Core ML or ExecuTorch, and run the files.
+
+Every exported file takes what the PyTorch model takes: float32 RGB images in [0, 1], shaped
+``[B, 3, H, W]``, with no mean/std normalisation, and returns what its ``forward`` returns: logits
+``[B, num_classes]`` for a classifier, per-pixel logits ``[B, num_classes, H, W]`` at the input size
+for a segmentation model (:class:`~mobilevit.models.deeplabv3.MobileViTDeepLabV3`). Core ML takes an
+RGB image instead and bakes the 1/255 scaling in. By default ``H`` and ``W`` are fixed to
+``image_size``: the MobileViT unfold resizes feature maps whose sides are not multiples of the patch
+size, a choice made in Python while the graph is captured. ONNX files can leave them dynamic
+(``dynamic_size=True``): the inference form then always resizes (an identity on multiples), so one
+graph serves every size. The batch axis can be left dynamic in every format but Core ML.
+
+After export, outputs are compared with PyTorch's (TorchScript always; ONNX when onnxruntime is
+installed, at a second input size too when H and W are dynamic). Files carry metadata where the
+format has room for it (ONNX, TorchScript, Core ML; not ExecuTorch): the task, the input convention,
+the output, the input size, class names and preprocessing when the weights know them.
+
+The model is copied, moved to the CPU in float32 and put in eval mode; the caller's model is left
+untouched. Files are written atomically (built next to the target, then renamed over it).
+The converters are optional dependencies: ``pip install 'mobilevit[export]'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoints.io import atomic_path
+from ..models.backbone import MobileViT
+from ..models.deeplabv3 import MobileViTDeepLabV3
+from . import fuse
+from .fuse import deploy
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript", "coreml", "executorch")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage", "executorch": ".pte"}
+
+#: ONNX operator set of exported files (onnxruntime >= 1.14 runs it).
+ONNX_OPSET = 18
+#: Largest difference from PyTorch's outputs tolerated when checking an exported file, relative to the
+#: largest output magnitude when that is above 1 (absolute otherwise).
+PARITY_TOL = 1e-4
+TORCHSCRIPT_ATOL = PARITY_TOL  # the name of earlier releases
+INSTALL_HINT = "pip install 'mobilevit[export]'"
+INPUT_CONVENTION = "float32 RGB in [0, 1], shape [batch, 3, H, W], no mean/std normalisation"
+
+_PACKAGES = {  # import name -> distribution name, for the install hint
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "onnxscript": "onnxscript",
+    "coremltools": "coremltools",
+    "executorch": "executorch",
+}
+
+
+#: What each task's exported output is.
+OUTPUTS = {
+    "classification": "logits: float32 [batch, num_classes]",
+    "segmentation": "logits: float32 [batch, num_classes, H, W], per-pixel class logits at the input size "
+    "(the stride-16 logits upsampled bilinearly, align_corners=False); argmax over axis 1 gives the mask",
+}
+
+#: Why a format keeps H and W fixed.
+_FIXED_SIZE = {
+    "torchscript": "a traced module replays the sizes it was traced at",
+    "coreml": "the Core ML image input has one size",
+    "executorch": "ExecuTorch plans all memory ahead of time for one size",
+}
+
+
+class ExportError(RuntimeError):
+    """An export could not be done; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------- entry point
+
+
+def export_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str,
+    *,
+    image_size: tuple[int, int] = (256, 256),
+    dynamic: bool = False,
+    batch_size: int = 1,
+    dynamic_size: bool = False,
+) -> Path:
+    """Export ``model`` to ``path`` in ``format`` (one of :data:`FORMATS`) and return the path.
+
+    Args:
+        model: a classifier or segmentation model taking ``[B, 3, H, W]`` RGB images in [0, 1]
+            (e.g. from :func:`mobilevit.create_model`, or its inference form from :func:`mobilevit.deploy`).
+        path: output file; its suffix must be ``SUFFIXES[format]``.
+        format: ``"onnx"``, ``"torchscript"``, ``"coreml"`` or ``"executorch"``.
+        image_size: ``(H, W)`` the file is made for (with ``dynamic_size``, the size it is traced and
+            checked at).
+        dynamic: leave the batch axis dynamic (ONNX, TorchScript, ExecuTorch; not Core ML).
+        batch_size: batch of the example input; the fixed batch when ``dynamic`` is False. For
+            ExecuTorch with ``dynamic=True`` it is the largest batch accepted (memory is planned for it).
+        dynamic_size: leave H and W dynamic (ONNX only; other formats raise :class:`ExportError`).
+            A segmentation model's output then follows the input size.
+    """
+    exporters: dict[str, Callable[..., Path]] = {
+        "onnx": export_onnx,
+        "torchscript": export_torchscript,
+        "coreml": export_coreml,
+        "executorch": export_executorch,
+    }
+    if format not in exporters:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    return exporters[format](
+        model, path, image_size=image_size, dynamic=dynamic, batch_size=batch_size, dynamic_size=dynamic_size
+    )
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (256, 256),
+    dynamic: bool = False,
+    batch_size: int = 1,
+    dynamic_size: bool = False,
+) -> Path:
+    """Export to ONNX (opset :data:`ONNX_OPSET`): input ``"images"``, output ``"logits"``.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``). ``dynamic=True`` makes the batch
+    axis symbolic (``"batch"``). By default H and W stay fixed to ``image_size`` because the unfold
+    of a MobileViT block resizes maps whose sides are not multiples of the patch size, which Python
+    decides while the graph is captured. With a static batch, a model the new exporter cannot
+    capture falls back to the TorchScript-based exporter (exact for the traced shape).
+
+    ``dynamic_size=True`` makes H and W symbolic too (``"height"``, ``"width"``): the model is
+    exported in its size-agnostic inference form (:func:`mobilevit.deployment.fuse.size_agnostic`;
+    a raw MobileViT or DeepLabv3 model goes through :func:`mobilevit.deploy` first), whose size
+    arithmetic the TorchScript-based exporter records into the graph. (The ``torch.export``-based one
+    takes minutes to reason about these symbolic sizes and proves the graph only above a minimum
+    size.) This needs onnxruntime: the file is checked at ``image_size`` and at a second size that
+    is not a multiple of any patch grid.
+
+    The file is checked with ``onnx.checker``, and its outputs against PyTorch's when onnxruntime is
+    installed (within :data:`PARITY_TOL`), before it replaces ``path``.
+    """
+    path = _check_args("onnx", path, image_size, batch_size)
+    onnx = _require("onnx", "ONNX export")
+    _require("onnxscript", "ONNX export")
+    if dynamic_size:
+        _require("onnxruntime", "ONNX export with dynamic H and W (the file is checked at two sizes)")
+    model = _prepare(model, size_agnostic=dynamic_size)
+    example = _example(model, image_size, max(batch_size, 2) if dynamic else batch_size)
+    with atomic_path(path) as tmp:
+        if dynamic_size:
+            with _converting("ONNX"):
+                _onnx_legacy(model, example, tmp, dynamic_axes=(0, 2, 3) if dynamic else (2, 3))
+        else:
+            try:
+                _onnx_dynamo(model, example, tmp, dynamic)
+            except Exception as exc:
+                if dynamic:
+                    raise ExportError(
+                        f"ONNX export with a dynamic batch failed ({_reason(exc)}); try dynamic=False"
+                    ) from exc
+                log.warning("torch.export-based ONNX export failed (%s); using the TorchScript-based one", _reason(exc))
+                with _converting("ONNX"):
+                    _onnx_legacy(model, example, tmp)
+        checks = [example]
+        if dynamic_size:
+            checks.append(_example(model, _other_size(image_size), 1 if dynamic else batch_size, seed=1))
+        with _converting("ONNX"):
+            proto = onnx.load(str(tmp))
+            task = _task(model)
+            proto.doc_string = f"MobileViT {task} model. images: {INPUT_CONVENTION}; {OUTPUTS[task]}"
+            if dynamic_size:  # the tracer names the class axis of the output after an op: give it its size
+                classes = _outputs(model, example).shape[1]
+                proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = classes
+            for key, value in _metadata(model, image_size, dynamic_size).items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.checker.check_model(proto, full_check=True)
+            onnx.save(proto, str(tmp))
+        _check_onnx(model, tmp, checks)
+    return path
+
+
+def _onnx_dynamo(model: nn.Module, example: Tensor, dst: Path, dynamic: bool) -> None:
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    program.save(dst, external_data=False)
+
+
+def _onnx_legacy(model: nn.Module, example: Tensor, dst: Path, dynamic_axes: tuple[int, ...] = ()) -> None:
+    """The TorchScript-based exporter; ``dynamic_axes`` (of 0, 2, 3) are left symbolic in input and output."""
+    names = {0: "batch", 2: "height", 3: "width"}
+    axes = {i: names[i] for i in dynamic_axes}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # deprecation of this exporter, tracer warnings about fixed H, W
+        torch.onnx.export(
+            model,
+            (example,),
+            str(dst),
+            input_names=["images"],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+            dynamic_axes={"images": axes, "logits": axes} if axes else None,
+        )
+
+
+def _check_onnx(model: nn.Module, path: Path, inputs: list[Tensor]) -> None:
+    """Compare the file's outputs with the model's on ``inputs`` (skipped without onnxruntime)."""
+    try:
+        ort = _import_module("onnxruntime")
+    except ImportError:
+        log.info("onnxruntime is not installed: %s is not compared with PyTorch", path.name)
+        return
+    with _converting("ONNX"):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for x in inputs:
+            got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+            expected = _outputs(model, x)
+            if not _close(got, expected, PARITY_TOL):
+                raise ExportError(
+                    f"ONNX export failed: onnxruntime's outputs for input {list(x.shape)} differ from PyTorch's "
+                    f"({_difference(got, expected)})"
+                )
+
+
+def run_onnx(path: str | os.PathLike, images: Tensor) -> Tensor:
+    """Logits of an exported ONNX file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with onnxruntime (CPU)."""
+    _require("onnxruntime", "running ONNX files")
+    session = _onnx_session(*_file_key(path))
+    x = _as_input(images)
+    try:
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    except Exception as exc:
+        expected = [d if isinstance(d, int) else str(d) for d in session.get_inputs()[0].shape]
+        raise ValueError(f"{path}: takes images shaped {expected}, got {list(x.shape)} ({_reason(exc)})") from exc
+
+
+@functools.lru_cache(maxsize=4)
+def _onnx_session(path: str, mtime_ns: int, size: int) -> Any:
+    ort = _require("onnxruntime", "running ONNX files")
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------- TorchScript
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (256, 256),
+    dynamic: bool = False,
+    batch_size: int = 1,
+    dynamic_size: bool = False,
+) -> Path:
+    """Export a traced TorchScript module (``torch.jit.load`` it; no mobilevit needed).
+
+    The trace fixes H and W to ``image_size`` (``dynamic_size=True`` is refused); the batch stays
+    dynamic whatever ``dynamic`` says (with ``dynamic=True`` this is checked at another batch size).
+    The module is frozen with ``torch.jit.freeze`` (BatchNorm folded, constants inlined) when its
+    outputs stay within :data:`PARITY_TOL` of the model's, else saved unfrozen. The task, input and
+    output conventions, class names and preprocessing are stored as the extra file ``mobilevit.json``.
+    """
+    path = _check_args("torchscript", path, image_size, batch_size, dynamic_size)
+    model = _prepare(model)
+    example = _example(model, image_size, batch_size)
+    check = _example(model, image_size, batch_size + 1 if dynamic else batch_size, seed=1)
+    with _converting("TorchScript"), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings: H and W are fixed on purpose
+        traced = torch.jit.trace(model, example, check_trace=False)
+        expected = model(check)
+        got = traced(check)
+        if not _close(got, expected, PARITY_TOL):
+            raise ExportError(
+                f"TorchScript export failed: the traced module does not reproduce the model ({_difference(got, expected)})"
+                + (" at another batch size (the trace fixed the batch); use dynamic=False" if dynamic else "")
+            )
+        try:
+            frozen = torch.jit.freeze(traced)
+            if _close(frozen(check), expected, PARITY_TOL):
+                traced = frozen
+            else:
+                log.info("torch.jit.freeze changed the outputs by more than %g; saving the unfrozen module", PARITY_TOL)
+        except Exception as exc:  # freezing is an optimisation only
+            log.info("torch.jit.freeze failed (%s); saving the unfrozen module", _reason(exc))
+        extra = {"mobilevit.json": json.dumps(_metadata(model, image_size, False))}
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files=extra)
+    return path
+
+
+# -------------------------------------------------------------------------------------- Core ML
+
+
+def export_coreml(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (256, 256),
+    dynamic: bool = False,
+    batch_size: int = 1,
+    dynamic_size: bool = False,
+) -> Path:
+    """Export a Core ML ML Program (``.mlpackage``, iOS 15 / macOS 12 or later).
+
+    The input ``"image"`` is an RGB image of ``image_size``; the 1/255 scaling to [0, 1] is baked
+    into the program, so apps pass camera or photo pixels directly. The output ``"logits"`` is a
+    ``[1, num_classes]`` float32 array (a segmentation model's: ``[1, num_classes, H, W]``); H and W
+    are fixed (``dynamic_size=True`` is refused). Weights and compute stay float32 so the logits match
+    PyTorch's (the Neural Engine needs float16: convert with ``compute_precision=FLOAT16`` yourself
+    to use it). Core ML image inputs carry one image (the image type has no batch axis; apps batch
+    with ``MLModel.predictions(fromBatch:)``), so ``dynamic`` and ``batch_size > 1`` are refused.
+    Core ML runs predictions only on Apple platforms; the conversion itself works anywhere.
+    """
+    path = _check_args("coreml", path, image_size, batch_size, dynamic_size)
+    if dynamic or batch_size != 1:
+        raise ExportError(
+            "Core ML image inputs take one image at a time (the image type has no batch axis): export with "
+            "dynamic=False and batch_size=1, and batch on device with MLModel.predictions(fromBatch:)"
+        )
+    ct = _require("coremltools", "Core ML export")
+    model = _prepare(model)
+    example = _example(model, image_size, 1)
+    if example.shape[1] != 3:
+        raise ExportError(f"Core ML export takes RGB models (3 input channels), this one has {example.shape[1]}")
+    h, w = image_size
+    with _converting("Core ML"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example,)).run_decompositions({})
+        mlmodel = ct.convert(
+            program,
+            inputs=[
+                ct.ImageType(
+                    name="image",
+                    shape=(1, 3, h, w),
+                    scale=1 / 255.0,
+                    bias=[0.0, 0.0, 0.0],
+                    color_layout=ct.colorlayout.RGB,
+                )
+            ],
+            outputs=[ct.TensorType(name="logits")],
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS15,
+            compute_precision=ct.precision.FLOAT32,
+            skip_model_load=True,  # compiling needs macOS; the saved package loads there later
+        )
+        task = _task(model)
+        mlmodel.short_description = {
+            "classification": "MobileViT image classifier",
+            "segmentation": "DeepLabv3-MobileViT semantic segmentation",
+        }.get(task, f"MobileViT {task} model")
+        mlmodel.input_description["image"] = f"RGB image, {w}x{h} pixels (scaled to [0, 1] inside the model)"
+        mlmodel.output_description["logits"] = {
+            "classification": "class logits [1, num_classes] (apply softmax for probabilities)",
+            "segmentation": f"per-pixel class logits [1, num_classes, {h}, {w}] (argmax over axis 1 gives the mask)",
+        }.get(task, OUTPUTS.get(task, "outputs"))
+        mlmodel.user_defined_metadata.update(_metadata(model, image_size, False))
+        with _atomic_dir(path) as tmp:
+            mlmodel.save(str(tmp))
+    return path
+
+
+# ----------------------------------------------------------------------------------- ExecuTorch
+
+
+def export_executorch(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (256, 256),
+    dynamic: bool = False,
+    batch_size: int = 1,
+    dynamic_size: bool = False,
+) -> Path:
+    """Export an ExecuTorch program (``.pte``) lowered to the XNNPACK CPU backend, float32.
+
+    ExecuTorch plans all memory ahead of time, so with ``dynamic=True`` the program accepts
+    batches of 1 to ``batch_size`` (at least 2) and reserves memory for ``batch_size`` images.
+    Attention is rewritten into batched matmuls and ``unbind`` into slices before lowering, so that
+    XNNPACK takes the whole transformer except its LayerNorms (which XNNPACK lacks). H and W are fixed
+    (``dynamic_size=True`` is refused). The program carries no metadata. Run the file with
+    :func:`run_executorch`, or with the ExecuTorch runtime on device.
+    """
+    path = _check_args("executorch", path, image_size, batch_size, dynamic_size)
+    if dynamic and batch_size < 2:
+        raise ExportError(
+            "ExecuTorch plans memory for the largest batch: with dynamic=True pass batch_size=N (2 or more), "
+            "the largest batch the program will accept"
+        )
+    exir = _require("executorch.exir", "ExecuTorch export")
+    xnnpack = _require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "ExecuTorch export")
+    model = _prepare(model)
+    example = _example(model, image_size, 2 if dynamic else batch_size)  # 1 would specialise the batch
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=batch_size)},) if dynamic else None
+    with _converting("ExecuTorch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+        program = program.run_decompositions(_xnnpack_decompositions())
+        edge = exir.to_edge_transform_and_lower(program, partitioner=[xnnpack.XnnpackPartitioner()])
+        executorch_program = edge.to_executorch()
+        if dynamic:
+            largest = _largest_batch(executorch_program.exported_program())
+            if largest < batch_size:
+                raise ExportError(
+                    f"ExecuTorch export failed: lowering limited the dynamic batch to at most {largest} "
+                    f"(torch specialises larger batches while tracing convolutions); use batch_size <= {largest}"
+                )
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(executorch_program.buffer)
+    return path
+
+
+def run_executorch(path: str | os.PathLike, images: Tensor) -> Tensor:
+    """Logits of an exported ``.pte`` file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with the ExecuTorch runtime."""
+    method = _executorch_method(*_file_key(path))
+    x = _as_input(images)
+    try:
+        outputs = method.execute([x])
+    except Exception as exc:
+        expected = list(method.metadata.input_tensor_meta(0).sizes())
+        raise ValueError(
+            f"{path}: takes images shaped {expected} (with a dynamic batch, up to that batch), got {list(x.shape)}"
+        ) from exc
+    return outputs[0].clone()  # outputs live in the program's planned memory, reused by the next call
+
+
+@functools.lru_cache(maxsize=4)
+def _executorch_method(path: str, mtime_ns: int, size: int) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "This API is experimental"
+        runtime = _require("executorch.runtime", "running ExecuTorch files")
+        return runtime.Runtime.get().load_program(path).load_method("forward")
+
+
+def _xnnpack_decompositions() -> dict[Any, Callable[..., Any]]:
+    """Rewrites of ops that XNNPACK cannot take as they come, into ops it can (bmm, softmax, slice, view).
+
+    Left alone, ``scaled_dot_product_attention`` decomposes into masking ops (``where``, ``any``)
+    and ``unbind`` into ``squeeze``; XNNPACK takes none of them, so every attention layer would be
+    cut into several delegate calls with slow portable kernels in between. Copies into another
+    memory format (``x.contiguous(memory_format=torch.channels_last)``) become plain copies:
+    XNNPACK picks its own layouts, and ExecuTorch 1.5 computes wrong logits (off by ~5e-3) for a
+    channels-last copy of a dynamic-batch input.
+    """
+    aten = torch.ops.aten
+    return {
+        aten.scaled_dot_product_attention.default: _sdpa_as_bmm,
+        aten.unbind.int: _unbind_as_slices,
+        aten.clone.default: _clone_contiguous,
+    }
+
+
+def _sdpa_as_bmm(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Any:
+    if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+        return NotImplemented  # the default decomposition handles these
+    *lead, n, d = q.shape
+    s, dv = k.shape[-2], v.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    attn = torch.bmm((q * scale).reshape(-1, n, d), k.reshape(-1, s, d).transpose(1, 2))
+    return torch.bmm(attn.softmax(-1), v.reshape(-1, s, dv)).reshape(*lead, n, dv)
+
+
+def _unbind_as_slices(x: Tensor, dim: int = 0) -> list[Tensor]:
+    dim %= x.dim()
+    shape = [*x.shape[:dim], *x.shape[dim + 1 :]]
+    return [torch.ops.aten.slice.Tensor(x, dim, i, i + 1).reshape(shape) for i in range(x.shape[dim])]
+
+
+def _clone_contiguous(x: Tensor, *, memory_format: torch.memory_format | None = None) -> Any:
+    if memory_format in (None, torch.contiguous_format, torch.preserve_format):
+        return NotImplemented  # kept as it is
+    return torch.ops.aten.clone.default(x, memory_format=torch.contiguous_format)
+
+
+def _largest_batch(program: Any) -> int:
+    """Upper bound of the batch axis of the first user input of an exported program."""
+    from executorch.exir.sym_util import eval_upper_bound
+
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    return int(eval_upper_bound(node.meta["val"].shape[0]))
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _import_module(name: str) -> ModuleType:
+    """``importlib.import_module``; a seam for tests that simulate a missing package."""
+    return importlib.import_module(name)
+
+
+def _require(name: str, purpose: str) -> ModuleType:
+    """Import an optional dependency, or raise an :class:`ExportError` saying how to install it."""
+    try:
+        return _import_module(name)
+    except ImportError as exc:
+        package = _PACKAGES.get(name.split(".")[0], name.split(".")[0])
+        raise ExportError(
+            f"{purpose} needs the optional package {package!r} ({exc}); install it with: {INSTALL_HINT}"
+        ) from None
+
+
+def _check_args(
+    format: str, path: str | os.PathLike, image_size: tuple[int, int], batch_size: int, dynamic_size: bool = False
+) -> Path:
+    if dynamic_size and format in _FIXED_SIZE:
+        raise ExportError(
+            f"{format} files have a fixed H and W ({_FIXED_SIZE[format]}): export them without dynamic_size "
+            "(--dynamic-size) at the image_size you will run, or use ONNX for dynamic H and W"
+        )
+    path = Path(path).expanduser()
+    suffix = SUFFIXES[format]
+    if path.suffix.lower() != suffix:
+        raise ExportError(
+            f"{format} files end in {suffix!r}, got {str(path)!r}; use e.g. {str(path.with_suffix(suffix))!r}"
+        )
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ExportError(f"image_size must be (height, width) in pixels, got {image_size!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return path
+
+
+def _prepare(model: nn.Module, size_agnostic: bool = False) -> nn.Module:
+    """A CPU float32 eval-mode copy of ``model`` without gradients (the caller's model is untouched).
+
+    Weights are made contiguous: XNNPACK refuses channels-last weights, and the other formats
+    choose their own layouts anyway. With ``size_agnostic``, the copy is the inference form whose
+    operations do not depend on H and W (see :func:`~mobilevit.deployment.fuse.size_agnostic`).
+    """
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    if size_agnostic:
+        if isinstance(model, (MobileViT, MobileViTDeepLabV3)):
+            model = deploy(model, channels_last=False)
+        fuse.size_agnostic(model)
+    model.to(memory_format=torch.contiguous_format)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _in_chans(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    config = getattr(config, "backbone", config)  # a segmentation model's input is its backbone's
+    return getattr(config, "in_chans", 3)
+
+
+def _task(model: nn.Module) -> str:
+    """``"classification"`` or ``"segmentation"`` (from the model's config)."""
+    return getattr(getattr(model, "config", None), "task", "classification")
+
+
+def _example(model: nn.Module, image_size: tuple[int, int], batch: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, _in_chans(model), *image_size, generator=g)
+
+
+def _other_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    """A second input size to check a file with dynamic H and W at: odd, so no patch grid divides it."""
+    h, w = image_size
+    return (h * 3 // 4) | 1, (w * 5 // 4 + 2) | 1
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x)
+
+
+def _metadata(model: nn.Module, image_size: tuple[int, int], dynamic_size: bool) -> dict[str, str]:
+    """String metadata stored in the exported files.
+
+    ``task``, ``input`` (convention), ``output``, ``image_size`` (``"HxW"`` or ``"dynamic"``), and
+    when the weights know them ``categories`` (JSON list of class names) and ``preprocess`` (JSON).
+    """
+    task = _task(model)
+    meta = {
+        "task": task,
+        "input": INPUT_CONVENTION,
+        "output": OUTPUTS.get(task, "outputs of the model's forward"),
+        "image_size": "dynamic" if dynamic_size else f"{image_size[0]}x{image_size[1]}",
+    }
+    weights_meta = getattr(model, "weights_meta", None) or {}
+    categories = list(weights_meta.get("categories") or [])
+    if categories:
+        meta["categories"] = json.dumps(categories)
+    if weights_meta.get("preprocess"):
+        meta["preprocess"] = json.dumps(weights_meta["preprocess"])
+    return meta
+
+
+def _as_input(images: Tensor) -> Tensor:
+    if not isinstance(images, Tensor) or images.ndim != 4:
+        raise ValueError(f"expected images as a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+    return images.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    """Cache key of a file: resolved path, modification time and size (a rewritten file is reloaded)."""
+    resolved = Path(path).expanduser().resolve()
+    st = resolved.stat()
+    return str(resolved), st.st_mtime_ns, st.st_size
+
+
+def _close(a: Tensor, b: Tensor, tol: float) -> bool:
+    """Same shape, and ``|a - b| <= tol * max(1, max |b|)`` everywhere."""
+    return a.shape == b.shape and bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+
+
+def _difference(a: Tensor, b: Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shape {list(a.shape)} instead of {list(b.shape)}"
+    return f"largest difference {(a - b).abs().max().item():.3g}, largest output {b.abs().max().item():.3g}"
+
+
+def _reason(exc: BaseException) -> str:
+    """One line about what went wrong: the first line of the innermost cause, without colour codes."""
+    root, seen = exc, set()
+    while root.__cause__ is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    reason = f"{type(root).__name__}: {first}" if first else type(root).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+@contextlib.contextmanager
+def _converting(what: str) -> Iterator[None]:
+    """Turn a converter's exception into an :class:`ExportError` naming the format and the reason."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{what} export failed: {_reason(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _atomic_dir(dst: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``dst`` to build a directory in; it replaces ``dst`` if the block succeeds."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    try:
+        tmp = work / dst.name
+        yield tmp
+        old = work / f"{dst.name}.old"
+        had_old = dst.exists() or dst.is_symlink()
+        if had_old:
+            os.replace(dst, old)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            if had_old:
+                os.replace(old, dst)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = [
+    "FORMATS",
+    "OUTPUTS",
+    "PARITY_TOL",
+    "SUFFIXES",
+    "ExportError",
+    "export_coreml",
+    "export_executorch",
+    "export_model",
+    "export_onnx",
+    "export_torchscript",
+    "run_executorch",
+    "run_onnx",
+]
