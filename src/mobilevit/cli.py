@@ -1,4 +1,4 @@
-"""The ``mobilevit`` command: list the models, classify images, convert checkpoints between ecosystems."""
+"""The ``mobilevit`` command: thin sub-commands over the library (models, predict, convert, eval, train, export, bench, data)."""
 
 from __future__ import annotations
 
@@ -68,13 +68,29 @@ def _show_warning(message: Warning | str, category: type[Warning], *args: Any, *
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobilevit",
-        description="MobileViT v1: list the models, classify images, convert checkpoints between ecosystems.",
+        description="MobileViT v1: list the models, classify and segment images, train, evaluate, convert "
+        "checkpoints between ecosystems, export and benchmark.",
         epilog="Exit codes: 0 success; 1 predict read no image; 2 error (bad arguments, unreadable checkpoint, "
         "failed download).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _models_parser,
+        _predict_parser,
+        _convert_parser,
+        _eval_parser,
+        _train_parser,
+        _export_parser,
+        _bench_parser,
+        _data_parser,
+    ):
+        add(sub)
+    return parser
 
+
+def _models_parser(sub: Any) -> None:
+    """`mobilevit models`."""
     p = sub.add_parser(
         "models",
         help="parameters, MACs and known pretrained weights of every model",
@@ -91,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON list of objects instead of the table")
     p.set_defaults(func=cmd_models)
 
+
+def _predict_parser(sub: Any) -> None:
+    """`mobilevit predict`."""
     p = sub.add_parser(
         "predict",
         help="classify or segment images (files or directories)",
@@ -132,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
+
+def _convert_parser(sub: Any) -> None:
+    """`mobilevit convert`."""
     p = sub.add_parser(
         "convert",
         help="convert a checkpoint between ecosystems",
@@ -149,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
+
+def _eval_parser(sub: Any) -> None:
+    """`mobilevit eval`."""
     p = sub.add_parser(
         "eval",
         help="top-1 / top-5 accuracy (classifiers) or mIoU (segmentation) on a labelled dataset",
@@ -204,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
+
+def _train_parser(sub: Any) -> None:
+    """`mobilevit train`."""
     p = sub.add_parser(
         "train",
         help="train or fine-tune with a recipe (single process or torchrun)",
@@ -218,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training options that replace the recipe's")
     p.set_defaults(func=cmd_train)
 
+
+def _export_parser(sub: Any) -> None:
+    """`mobilevit export`."""
     p = sub.add_parser(
         "export",
         help="export to ONNX, TorchScript, Core ML or ExecuTorch (optionally int8 ONNX)",
@@ -252,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=_positive_int, default=512, help="(--int8) images used (default 512)")
     p.set_defaults(func=cmd_export)
 
+
+def _bench_parser(sub: Any) -> None:
+    """`mobilevit bench`."""
     p = sub.add_parser(
         "bench",
         help="inference latency of ours, the deploy form, exports and peers (timm, Hugging Face, torchvision)",
@@ -287,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also draw throughput bars")
     p.set_defaults(func=cmd_bench)
 
+
+def _data_parser(sub: Any) -> None:
+    """`mobilevit data scenes`."""
     p = sub.add_parser("data", help="make datasets", description="Make datasets.")
     data = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     p = data.add_parser(
@@ -312,7 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_data_scenes)
-    return parser
 
 
 def _positive_int(text: str) -> int:
