@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoints.hub import get_weights, list_weights
-from .checkpoints.io import WRITABLE, CheckpointError, save_checkpoint
+from .checkpoints.io import WRITABLE, CheckpointError, config_task, save_checkpoint
 from .checkpoints.layouts import LAYOUTS
 from .data.datasets import IMAGE_SUFFIXES, open_image
 from .deployment.export import ExportError
@@ -377,7 +377,7 @@ def model_rows(size: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for name in list_models(None):
         model = create_model(name)
-        side = size or TASK_SIZES[model_task(model)]
+        side = size or TASK_SIZES[config_task(model.config)]
         weights = []
         for w in map(get_weights, list_weights(name)):
             top = {k.rsplit("/", 1)[-1]: v for k, v in w.metrics.items()}
@@ -385,7 +385,7 @@ def model_rows(size: int | None = None) -> list[dict[str, Any]]:
         rows.append(
             {
                 "name": name,
-                "task": model_task(model),
+                "task": config_task(model.config),
                 "params": count_params(model),
                 "macs": count_macs(model, (side, side)),
                 "input_size": [side, side],
@@ -492,7 +492,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return EXIT_NOTHING_PREDICTED
-    if model_task(model) == "segmentation":
+    if config_task(model.config) == "segmentation":
         return _predict_segmentation(args, model, device, paths, categories, warn)
     loader = DataLoader(
         ImageFiles(paths, model_transform(model)),
@@ -538,10 +538,11 @@ def _predict_segmentation(
     import numpy as np
     import torch.nn.functional as F
 
-    from .data.segmentation import voc_colormap
+    from .data.segmentation import SegEvalTransform, voc_colormap
     from .training.report import overlay
 
     size = model.weights_meta.get("preprocess", {}).get("size", 512)
+    transform = SegEvalTransform(size)
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     palette = voc_colormap(256).reshape(-1).tolist()
@@ -553,9 +554,9 @@ def _predict_segmentation(
             warn(f"skipped {path}: {e}")
             continue
         pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float().div(255)
-        resized = F.interpolate(pixels[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        resized, _ = transform(image, np.zeros(pixels.shape[-2:], dtype=np.uint8))
         with torch.inference_mode():
-            logits = model(resized.to(device)).float()
+            logits = model(resized[None].to(device)).float()
         mask = F.interpolate(logits, size=pixels.shape[-2:], mode="nearest").argmax(1)[0].cpu()
         stem = out / path.stem
         indexed = Image.fromarray(mask.numpy().astype(np.uint8), mode="P")
@@ -622,7 +623,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model = load_model(args.weights, args.model).eval().to(device)
-    if model_task(model) == "segmentation":
+    if config_task(model.config) == "segmentation":
         return _eval_segmentation(args, model, device)
     transform = model_transform(model)
     if args.size is not None:
@@ -680,11 +681,6 @@ def load_model(weights: str, name: str | None = None) -> torch.nn.Module:
     return create_model(name or ckpt.arch or "mobilevit_s", weights=ckpt)
 
 
-def model_task(model: torch.nn.Module) -> str:
-    """``"classification"`` or ``"segmentation"``, from the model's config."""
-    return getattr(getattr(model, "config", None), "task", "classification")
-
-
 def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> int:
     from .data.segmentation import SegEvalTransform, build_segmentation_dataset, collate_segmentation
     from .training.evaluate import evaluate_segmentation
@@ -713,7 +709,7 @@ def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device:
         collate_fn=collate_segmentation,
     )
     result = evaluate_segmentation(model, loader, device, args.amp, progress=sys.stderr.isatty())
-    name = getattr(model.config, "name", None) or arch_name_of(model)
+    name = getattr(model.config, "name", None) or arch_name(model)
     metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "size": size}
     metrics |= result.to_dict() | {"iou": dict(zip(classes, result.iou, strict=True))}
     if args.json:
@@ -754,12 +750,6 @@ def _segmentation_samples(
         images.append(torch.nn.functional.interpolate(image[None], size=mask.shape, mode="bilinear")[0])
         targets.append(mask)
     plot_segmentation(torch.stack(images), torch.stack(targets), torch.stack(preds), classes, path, title=title)
-
-
-def arch_name_of(model: torch.nn.Module) -> str:
-    """The variant name of one of our models (a segmentation model's includes its head)."""
-    backbone = getattr(model, "backbone", model)
-    return arch_name(backbone) + ("_deeplabv3" if backbone is not model else "")
 
 
 class _OnnxClassifier(torch.nn.Module):
@@ -879,7 +869,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .deployment.bench import cpu_info, format_table, known_models, load_average, malloc_name, plot_bench, run_bench
+    from .deployment.bench import cpu_info, format_table, load_average, malloc_name, plot_bench, run_bench
 
     def ints(text: str, what: str) -> list[int]:
         try:
@@ -891,9 +881,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return values
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in known_models()]
+    unknown = [m for m in models if m not in list_models(None)]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(known_models())}")
+        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(list_models(None))}")
     impls = [i.strip() for i in args.impl.split(",")] if args.impl else None
     patch_sizes = [tuple(ints(p, "--patch-sizes")) for p in args.patch_sizes or []]
     if any(len(p) != 3 for p in patch_sizes):

@@ -28,7 +28,7 @@ from .models.backbone import MobileViT
 from .models.config import VARIANTS
 from .models.deeplabv3 import MobileViTDeepLabV3
 from .models.peers import PREFIX as PEER_PREFIX
-from .models.peers import TorchvisionModel, load_peer_state
+from .models.peers import TorchvisionModel, load_peer_state, peer_task
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,16 @@ def list_models(task: str | None = "classification") -> list[str]:
     if task is not None and task not in ARCHITECTURES:
         raise ValueError(f"unknown task {task!r}; choose one of {list(ARCHITECTURES)} or None")
     return [name for t, archs in ARCHITECTURES.items() if task in (None, t) for name in archs]
+
+
+def model_task(name: str) -> str:
+    """The task of the model ``name`` (``"classification"``, ``"segmentation"``), a ``torchvision:`` peer's too."""
+    if name.startswith(PEER_PREFIX):
+        return peer_task(name)
+    task = next((t for t, archs in ARCHITECTURES.items() if name in archs), None)
+    if task is None:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models(None)}")
+    return task
 
 
 def resolve_weights(weights: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -89,13 +99,11 @@ def create_model(
             ``output_stride=8``, ``aspp_dropout=0.2``. Unless overridden, ``patch_sizes`` (and a
             segmentation checkpoint's ``output_stride`` and ``aspp_rates``) follow the checkpoint.
     """
+    task = model_task(name)
     if name.startswith(PEER_PREFIX):  # torchvision peers, trained by the same loop for comparisons
         if overrides or isinstance(weights, Checkpoint):
             raise ValueError(f"{name} takes no overrides and only weights files written by `mobilevit train`")
         return _create_peer(name, weights, num_classes)
-    task = next((t for t, archs in ARCHITECTURES.items() if name in archs), None)
-    if task is None:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models(None)}")
     ckpt = weights if isinstance(weights, Checkpoint) or weights is None else load_checkpoint(weights)
     base = ARCHITECTURES[task][name]
     inherited: dict[str, Any] = {}

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..factory import create_model, list_models
+from ..factory import create_model, model_task
 from ..models.backbone import MobileViT
-from ..models.deeplabv3 import SEGMENTATION_VARIANTS, MobileViTDeepLabV3
+from ..models.deeplabv3 import MobileViTDeepLabV3
 from ..models.flops import count_macs
 from .fuse import deploy
 
@@ -79,16 +79,6 @@ class BenchRow:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def known_models() -> list[str]:
-    """Model names :func:`run_bench` takes: the classifiers and the segmentation models."""
-    return list_models(None)
-
-
-def task_of(name: str) -> str:
-    """``"segmentation"`` for the DeepLabv3 models, else ``"classification"``."""
-    return "segmentation" if name in SEGMENTATION_VARIANTS else "classification"
 
 
 def malloc_name() -> str:
@@ -358,7 +348,7 @@ def run_bench(
     configs = [tuple(p) for p in patch_sizes] if patch_sizes else [None]
     with tempfile.TemporaryDirectory(prefix="mobilevit-bench-") as tmp:
         for name in models:
-            task = task_of(name)
+            task = model_task(name)
             mine = [i for i in (requested or available_impls(task)) if i not in _NOT_FOR[task]]
             default = build_model(name)
             ours = {p: build_model(name, p) if p else default for p in configs}
@@ -441,7 +431,7 @@ def format_table(rows: Sequence[BenchRow], gflops: float, cpu: dict[str, Any] | 
     The header names the CPU and its vector/matrix extensions, the sgemm rate, the allocator and the
     load average (other processes on the machine slow every row alike, but they do slow them).
     """
-    tasks = {task_of(r.model) for r in rows} or {"classification"}
+    tasks = {model_task(r.model) for r in rows} or {"classification"}
     baselines = ", ".join(BASELINES[t] for t in sorted(tasks))
     load = load_average()
     lines = [

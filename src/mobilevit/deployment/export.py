@@ -57,7 +57,6 @@ ONNX_OPSET = 18
 #: Largest difference from PyTorch's outputs tolerated when checking an exported file, relative to the
 #: largest output magnitude when that is above 1 (absolute otherwise).
 PARITY_TOL = 1e-4
-TORCHSCRIPT_ATOL = PARITY_TOL  # the name of earlier releases
 INSTALL_HINT = "pip install 'mobilevit[export]'"
 INPUT_CONVENTION = "float32 RGB in [0, 1], shape [batch, 3, H, W], no mean/std normalisation"
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..data.segmentation import IGNORE_INDEX
 from .distributed import all_sum
 
 
@@ -118,7 +119,7 @@ def evaluate_segmentation(
     device: torch.device,
     amp: str = "none",
     progress: bool = False,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> SegmentationResult:
     """mIoU, pixel accuracy and loss over ``batches`` of ``(images, masks, skipped)``.
 

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from ..checkpoints.io import atomic_path
-from ..data.segmentation import voc_colormap
+from ..data.segmentation import IGNORE_INDEX, voc_colormap
 
 #: (CSV column, legend label) of the curves in each panel of :func:`plot_curves`.
 LOSS_CURVES = (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "EMA val"))
@@ -163,7 +163,7 @@ def label_colors(num_classes: int) -> Tensor:
     return torch.from_numpy(voc_colormap(num_classes))
 
 
-def overlay(image: Tensor, mask: Tensor, alpha: float = 0.55, ignore_index: int = 255) -> Tensor:
+def overlay(image: Tensor, mask: Tensor, alpha: float = 0.55, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``image`` ([3, H, W] in [0, 1]) with ``mask`` ([H, W] class indices) blended on top in VOC colours.
 
     Background (0) and ``ignore_index`` pixels keep the image; returns a [3, H, W] tensor in [0, 1].

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data.datasets import TrainTransform, build_dataset, collate, split_holdout
+from ..data.segmentation import IGNORE_INDEX
 from ..data.transforms import EvalTransform
+from ..factory import model_task
 from .evaluate import evaluate, evaluate_segmentation
 from .recipe import TrainConfig
 
@@ -143,14 +145,9 @@ class SegmentationTask(Task):
         return torch.zeros(2, 3, size, size), torch.zeros(2, size, size, dtype=torch.long)
 
 
-IGNORE_INDEX = 255
 TASKS: dict[str, Task] = {t.name: t for t in (ClassificationTask(), SegmentationTask())}
 
 
 def task_of(model_name: str) -> Task:
-    """The task a model name implies: ``*_deeplabv3`` and torchvision segmentation peers segment."""
-    from ..models.peers import peer_task
-
-    if model_name.endswith("_deeplabv3"):
-        return TASKS["segmentation"]
-    return TASKS[peer_task(model_name) or "classification"]
+    """The task of the model ``model_name`` (see :func:`mobilevit.factory.model_task`)."""
+    return TASKS[model_task(model_name)]
