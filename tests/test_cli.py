@@ -127,7 +127,8 @@ def test_models_table(capsys):
     code, out, _ = _run(capsys, "models")
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
-    assert list(rows) == mv.list_models(None) == [*mv.list_models(), *mv.list_models("segmentation")]
+    tasks = [mv.list_models(t) for t in ("classification", "segmentation", "detection")]
+    assert list(rows) == mv.list_models(None) == [name for names in tasks for name in names]
     expected = {
         "mobilevit_xxs": ("1,272,024", "0.42", "69.0"),
         "mobilevit_xs": ("2,317,848", "1.05", "74.7"),
@@ -140,6 +141,8 @@ def test_models_table(capsys):
         assert row[6] == f"({top1}"
     for name, params in (("xxs", "1,854,853"), ("xs", "2,944,069"), ("s", "6,357,941")):  # 21 VOC classes
         assert rows[f"mobilevit_{name}_deeplabv3"][1:2] == [params] and "512x512" in rows[f"mobilevit_{name}_deeplabv3"]
+    for name, params in (("xxs", "1,755,050"), ("xs", "2,742,042"), ("s", "5,738,826")):  # 80 COCO classes + background
+        assert rows[f"mobilevit_{name}_ssdlite"][1:2] == [params] and "320x320" in rows[f"mobilevit_{name}_ssdlite"]
 
 
 def test_models_json(capsys):

@@ -104,7 +104,7 @@ def test_parameter_counts(name, params):
 def test_create_and_list_models():
     assert mv.list_models() == ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s"]  # classification, as before
     assert mv.list_models("segmentation") == list(SEGMENTATION_VARIANTS)
-    assert mv.list_models(None) == mv.list_models() + mv.list_models("segmentation")
+    assert mv.list_models(None) == mv.list_models() + mv.list_models("segmentation") + mv.list_models("detection")
     model = mv.create_model(XXS, num_classes=4, patch_sizes=(8, 4, 2), output_stride=8).eval()
     assert model.config.backbone.patch_sizes == (8, 4, 2) and model.config.backbone.output_stride == 8
     with torch.no_grad():
@@ -330,7 +330,7 @@ def test_timm_classifier_fills_the_backbone(tmp_path, timm_model):
 # --- clear errors --------------------------------------------------------------------------------------
 
 
-def test_detection_like_checkpoint_says_what_differs(tmp_path, cvnets_fixture):
+def test_incomplete_detection_checkpoint_says_what_differs(tmp_path, cvnets_fixture):
     info, _ = cvnets_fixture
     state = {k: v for k, v in official_random_state(info["keys"], 0).items() if k.startswith("encoder.")}
     state["extra_layers.os_64.dw_conv.block.conv.weight"] = torch.zeros(80, 1, 3, 3)
@@ -338,8 +338,8 @@ def test_detection_like_checkpoint_says_what_differs(tmp_path, cvnets_fixture):
     torch.save(state, tmp_path / "ssd.pt")
     with pytest.raises(
         mv.CheckpointError,
-        match=r"ssd\.pt looks like a cvnets MobileViT segmentation checkpoint but its keys differ: 32 missing "
-        r"\[seg_head\.aspp.*2 unexpected \[extra_layers\.os_64",
+        match=r"ssd\.pt looks like a cvnets MobileViT detection checkpoint but its keys differ: 76 missing "
+        r"\[extra_layers\.os_128.*0 unexpected",
     ):
         mv.create_model(XXS, weights=tmp_path / "ssd.pt")
 

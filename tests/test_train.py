@@ -69,6 +69,10 @@ def test_bundled_recipes_follow_the_paper():
 def test_recipe_overrides_and_errors(tmp_path: Path):
     cfg = load_recipe(RECIPE, parse_overrides(["lr=0.01", "model_overrides={dropout: 0.0}", "grad_clip=1"]))
     assert cfg.lr == 0.01 and cfg.model_overrides == {"dropout": 0.0} and cfg.grad_clip == 1
+    cfg = load_recipe(RECIPE, parse_overrides(["lr=1e-4", "warmup_init_lr=2e-05"]))  # YAML: strings without a dot
+    assert (cfg.lr, cfg.warmup_init_lr) == (1e-4, 2e-5)
+    with pytest.raises(ValueError, match="lr must be a number, got 'fast'"):
+        load_recipe(RECIPE, {"lr": "fast"})
     with pytest.raises(ValueError, match=r"unknown training option.*'lrr'"):
         load_recipe(RECIPE, {"lrr": 1})
     with pytest.raises(ValueError, match="key=value"):

@@ -1,4 +1,4 @@
-"""MobileViT v1 (arXiv 2110.02178): exact classification and segmentation models, weights of every ecosystem, training, inference and export."""
+"""MobileViT v1 (arXiv 2110.02178): exact classification, segmentation and detection models, weights of every ecosystem, training, inference and export."""
 
 from .checkpoints.hub import Weights, get_weights, imagenet_categories, list_weights
 from .checkpoints.io import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
@@ -10,6 +10,7 @@ from .models.backbone import MobileViT
 from .models.config import VARIANTS, MobileViTConfig
 from .models.deeplabv3 import DeepLabV3Config, MobileViTDeepLabV3
 from .models.flops import count_macs
+from .models.ssdlite import MobileViTSSDLite, SSDLiteConfig
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "MobileViT",
     "MobileViTConfig",
     "MobileViTDeepLabV3",
+    "MobileViTSSDLite",
+    "SSDLiteConfig",
     "Weights",
     "count_macs",
     "create_model",

@@ -102,7 +102,7 @@ def _models_parser(sub: Any) -> None:
         "--size",
         type=_positive_int,
         default=None,
-        help="square input size for MACs (default: 256 for classifiers, 512 for segmentation, as published)",
+        help="square input size for MACs (default: as published: 256 classification, 512 segmentation, 320 detection)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list of objects instead of the table")
     p.set_defaults(func=cmd_models)
@@ -112,9 +112,10 @@ def _predict_parser(sub: Any) -> None:
     """`mobilevit predict`."""
     p = sub.add_parser(
         "predict",
-        help="classify or segment images (files or directories)",
-        description="Classify images with a MobileViT, or segment them with segmentation weights (a class mask and "
-        "a colour overlay per image in --output-dir). Directories are walked recursively for "
+        help="classify, segment or detect objects in images (files or directories)",
+        description="Classify images with a MobileViT, segment them with segmentation weights (a class mask and "
+        "a colour overlay per image in --output-dir), or detect objects with detection weights (a picture with "
+        "boxes, labels and scores per image in --output-dir). Directories are walked recursively for "
         f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files (any case). Images that cannot be read are reported on "
         "stderr as 'skipped PATH: REASON' and left out. Exit code 0 when at least one image was classified, "
         "1 when none was.",
@@ -137,8 +138,14 @@ def _predict_parser(sub: Any) -> None:
         "--output-dir",
         type=Path,
         default=Path("predictions"),
-        help="segmentation models: where IMAGE_mask.png (class indices, VOC palette) and IMAGE_overlay.png go "
-        "(default ./predictions)",
+        help="segmentation models: where IMAGE_mask.png (class indices, VOC palette) and IMAGE_overlay.png go; "
+        "detection models: IMAGE_detections.png (default ./predictions)",
+    )
+    p.add_argument(
+        "--score-thresh",
+        type=float,
+        default=0.3,
+        help="detection models: detections with a lower score are not drawn or listed (default 0.3)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding processes (default 0)")
@@ -176,13 +183,15 @@ def _eval_parser(sub: Any) -> None:
     """`mobilevit eval`."""
     p = sub.add_parser(
         "eval",
-        help="top-1 / top-5 accuracy (classifiers) or mIoU (segmentation) on a labelled dataset",
+        help="top-1 / top-5 accuracy (classifiers), mIoU (segmentation) or COCO mAP (detection) on a labelled dataset",
         description="Evaluate a classifier on Fashion-MNIST (IDX files; default: the Debian package "
         "dataset-fashion-mnist) or on an ImageFolder tree (one sub-directory per class, sorted names = class "
         "indices; with train/ and val/ sub-directories, --split picks one). Evaluate a segmentation model on a "
         "PASCAL VOC tree or an images/ + masks/ folder: mIoU, per-class IoU and pixel accuracy from one confusion "
         "matrix over every labelled pixel (255 ignored), each image resized to --size for the network and "
-        "compared at its original size, as the official evaluation does. Preprocessing comes from the weights. "
+        "compared at its original size, as the official evaluation does. Evaluate a detector on a COCO (annotations/"
+        "instances_SPLIT.json) or VOC tree: COCO mAP with pycocotools (AP, AP50, AP75, small / medium / large, per "
+        "class), each image resized to --size and its boxes scaled back. Preprocessing comes from the weights. "
         "Unreadable images are skipped and counted.",
     )
     p.add_argument("--model", choices=list_models(None), default=None, help="architecture (default: the checkpoint's)")
@@ -191,7 +200,7 @@ def _eval_parser(sub: Any) -> None:
         "--data",
         default="fashion-mnist",
         help="'fashion-mnist', a directory of IDX files, or an ImageFolder tree; segmentation: a VOC tree or an "
-        "images/ + masks/ folder",
+        "images/ + masks/ folder; detection: a COCO or VOC tree",
     )
     p.add_argument(
         "--split",
@@ -212,7 +221,10 @@ def _eval_parser(sub: Any) -> None:
         "--hflip", action="store_true", help="average the logits of each image and its mirror (twice the compute)"
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=None, help="images per forward pass (default 100; segmentation 16)"
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per forward pass (default 100; segmentation and detection 16)",
     )
     p.add_argument("--num-workers", type=_non_negative_int, default=2, help="image decoding processes (default 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
@@ -220,6 +232,12 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--confusion", type=Path, default=None, metavar="PNG", help="write a confusion-matrix picture")
     p.add_argument("--samples", type=Path, default=None, metavar="PNG", help="write a picture of sample predictions")
+    p.add_argument(
+        "--score-thresh",
+        type=float,
+        default=0.3,
+        help="detection models: boxes drawn in --samples score at least this (default 0.3; mAP uses every detection)",
+    )
     p.add_argument(
         "--onnx",
         type=Path,
@@ -257,15 +275,21 @@ def _export_parser(sub: Any) -> None:
         "traced module; coreml: an .mlpackage whose input is an RGB image (the 1/255 scaling is built in); "
         "executorch: a .pte program lowered to XNNPACK. H and W are fixed at --size (onnx: --dynamic-size leaves "
         "them dynamic); --dynamic makes the batch dimension dynamic. Segmentation models (*_deeplabv3) output "
-        "'logits' [B, classes, H, W] at the input size. --int8 writes a statically quantized ONNX model "
-        "calibrated on --calibration images.",
+        "'logits' [B, classes, H, W] at the input size. Detectors (*_ssdlite) output 'boxes' [B, N, 4] "
+        "(normalised x1, y1, x2, y2) and 'scores' [B, N, classes] (softmax, class 0 = background) for N anchors; "
+        "--postprocess adds the official post-processing (ONNX NonMaxSuppression: per class score > 0.05, "
+        "IoU 0.5, 200 per class) as a third output 'selected' [K, 3] (batch, class, anchor). --int8 writes a "
+        "statically quantized ONNX model calibrated on --calibration images.",
     )
     p.add_argument("--model", choices=list_models(None), default=None, help="architecture (default: the checkpoint's)")
     p.add_argument("--weights", default=None, help="checkpoint file, directory, URL or known weights name")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "coreml", "executorch"])
     p.add_argument("-o", "--output", type=Path, default=None, help="output path (default: MODEL.SUFFIX here)")
     p.add_argument(
-        "--size", type=_positive_int, default=None, help="square input size (default: the weights' eval size)"
+        "--size",
+        type=_positive_int,
+        default=None,
+        help="square input size (default: the weights' eval size; 320 for detectors, 512 for segmentation)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=1, help="batch size of the example input (default 1)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
@@ -273,6 +297,11 @@ def _export_parser(sub: Any) -> None:
         "--dynamic-size",
         action="store_true",
         help="(onnx) dynamic H and W too (--size is the size it is checked at, with a second one)",
+    )
+    p.add_argument(
+        "--postprocess",
+        action="store_true",
+        help="(onnx, detectors) the official post-processing in the graph: outputs boxes, scores, selected",
     )
     p.add_argument("--int8", action="store_true", help="(onnx) post-training static int8 quantization")
     p.add_argument(
@@ -294,7 +323,9 @@ def _bench_parser(sub: Any) -> None:
         "throughput for each model and batch size, with the speed-up against timm (segmentation: Hugging Face) "
         "and the distance to the arithmetic floor (2 x MACs / measured sgemm rate). Segmentation models "
         "(*_deeplabv3) are compared with Hugging Face's MobileViTForSemanticSegmentation and torchvision's "
-        "DeepLabv3 / LR-ASPP MobileNetV3-Large (tv-deeplabv3, tv-lraspp; random weights). The header names the "
+        "DeepLabv3 / LR-ASPP MobileNetV3-Large (tv-deeplabv3, tv-lraspp; random weights); detectors (*_ssdlite) with "
+        "torchvision's SSDLite320-MobileNetV3-Large (tv-ssdlite, tv-ssdlite-onnx), timing the network up to decoded "
+        "boxes and class scores, and each library's own post-processing in the '+post' rows. The header names the "
         "CPU, its AVX2/AVX-512/VNNI/BF16/AMX support and the load average. Implementations whose packages are "
         "missing are left out. 'compile' is torch.compile (inductor, frozen weights) of the deploy form: its "
         "first call compiles for about a minute per shape.",
@@ -302,7 +333,8 @@ def _bench_parser(sub: Any) -> None:
     p.add_argument(
         "--models",
         default="mobilevit_xxs,mobilevit_xs,mobilevit_s",
-        help="comma-separated models: classifiers and/or segmentation models (mobilevit_xxs_deeplabv3, ...)",
+        help="comma-separated models: classifiers, segmentation (mobilevit_xxs_deeplabv3, ...) and detection "
+        "models (mobilevit_xxs_ssdlite, ...)",
     )
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
     p.add_argument("--size", type=_positive_int, default=256, help="square input size (default 256)")
@@ -368,8 +400,16 @@ def _non_negative_int(text: str) -> int:
 # ---------------------------------------------------------------------------------------- models
 
 
-#: The input side of each task's published results (classification 256, segmentation 512).
-TASK_SIZES = {"classification": 256, "segmentation": 512}
+#: The input side of each task's published results (classification 256, segmentation 512, detection 320).
+TASK_SIZES = {"classification": 256, "segmentation": 512, "detection": 320}
+
+
+def eval_size(model: torch.nn.Module) -> int:
+    """The input side a model's weights are evaluated at: a classifier's crop, a dense model's square resize."""
+    task = config_task(model.config)
+    if task == "classification":
+        return model_transform(model).crop_size
+    return int(model.weights_meta.get("preprocess", {}).get("size", TASK_SIZES[task]))
 
 
 def model_rows(size: int | None = None) -> list[dict[str, Any]]:
@@ -494,6 +534,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return EXIT_NOTHING_PREDICTED
     if config_task(model.config) == "segmentation":
         return _predict_segmentation(args, model, device, paths, categories, warn)
+    if config_task(model.config) == "detection":
+        return _predict_detection(args, model, device, paths, categories, warn)
     loader = DataLoader(
         ImageFiles(paths, model_transform(model)),
         batch_size=args.batch_size,
@@ -541,8 +583,7 @@ def _predict_segmentation(
     from .data.segmentation import SegEvalTransform, voc_colormap
     from .training.report import overlay
 
-    size = model.weights_meta.get("preprocess", {}).get("size", 512)
-    transform = SegEvalTransform(size)
+    transform = SegEvalTransform(eval_size(model))
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     palette = voc_colormap(256).reshape(-1).tolist()
@@ -576,6 +617,66 @@ def _predict_segmentation(
         else:
             parts = [f"{100 * f['fraction']:5.1f}% {f['label']}" for f in found]
             tqdm.write(f"{path} -> {stem}_mask.png, {stem}_overlay.png\n  " + ", ".join(parts), file=sys.stdout)
+        predicted += 1
+    if not predicted:
+        print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
+        return EXIT_NOTHING_PREDICTED
+    return EXIT_OK
+
+
+def _predict_detection(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    device: torch.device,
+    paths: list[Path],
+    categories: list[str],
+    warn: Callable[[str], None],
+) -> int:
+    """Per image: the boxes above --score-thresh (printed or JSON) and a picture of them in --output-dir."""
+    import numpy as np
+    from torchvision.transforms.v2 import functional as TF
+
+    from .training.report import draw_detections
+
+    size = eval_size(model)
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = 0
+    for path in tqdm(paths, unit="img", desc="predict", file=sys.stderr, disable=None):
+        try:
+            image = open_image(path)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            warn(f"skipped {path}: {e}")
+            continue
+        pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+        h, w = pixels.shape[-2:]
+        resized = TF.resize(pixels.float().div(255), [size, size], antialias=True)
+        with torch.inference_mode():
+            det = model(resized[None].to(device))[0]
+        keep = det["scores"] >= args.score_thresh
+        boxes = (det["boxes"][keep].float().cpu() * torch.tensor([w / size, h / size] * 2)).tolist()
+        found = [
+            {"index": int(c), "label": categories[int(c)], "score": float(p), "box": [round(v, 1) for v in b]}
+            for c, p, b in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist(), boxes, strict=True)
+        ]
+        found.sort(key=lambda d: -d["score"])
+        picture = out / f"{path.stem}_detections.png"
+        drawn = draw_detections(
+            pixels,
+            torch.tensor([d["box"] for d in found]).reshape(-1, 4),
+            torch.tensor([d["index"] for d in found], dtype=torch.long),
+            torch.tensor([d["score"] for d in found]),
+            categories,
+            score_thresh=args.score_thresh,
+        )
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(picture)
+        if args.json:
+            tqdm.write(json.dumps({"path": str(path), "picture": str(picture), "detections": found}), file=sys.stdout)
+        else:
+            rows = [f"  {d['score']:.2f}  {d['label']}  {d['box']}" for d in found] or [
+                "  (nothing above the threshold)"
+            ]
+            tqdm.write("\n".join([f"{path} -> {picture}", *rows]), file=sys.stdout)
         predicted += 1
     if not predicted:
         print(f"error: none of the {len(paths)} image file(s) could be read", file=sys.stderr)
@@ -625,6 +726,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.weights, args.model).eval().to(device)
     if config_task(model.config) == "segmentation":
         return _eval_segmentation(args, model, device)
+    if config_task(model.config) == "detection":
+        return _eval_detection(args, model, device)
     transform = model_transform(model)
     if args.size is not None:
         transform = transform.at_size(args.size)
@@ -694,7 +797,7 @@ def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device:
             f"{args.weights} is a segmentation model: give --data a VOC tree or an images/ + masks/ folder "
             "(e.g. the scenes of `mobilevit data scenes`)"
         )
-    size = args.size or model.weights_meta.get("preprocess", {}).get("size", 512)
+    size = args.size or eval_size(model)
     dataset = build_segmentation_dataset(args.data, args.split, SegEvalTransform(size))
     classes = list(dataset.classes)
     if len(classes) != model.num_classes:
@@ -730,6 +833,55 @@ def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device:
     if args.samples is not None:
         _segmentation_samples(model, dataset, classes, args.samples, device, f"{name} on {args.data} ({args.split})")
         print(f"sample predictions: {args.samples}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _eval_detection(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> int:
+    from .data.detection import DetEvalTransform, build_detection_dataset, collate_detection
+    from .training.evaluate import evaluate_detection
+    from .training.report import plot_detections
+    from .training.trainer import eval_batches
+
+    if args.split == "holdout" or args.hflip or args.onnx is not None or args.confusion is not None:
+        raise ValueError("--split holdout, --hflip, --onnx and --confusion are for classifiers")
+    size = args.size or eval_size(model)
+    dataset = build_detection_dataset(args.data, args.split, DetEvalTransform(size))
+    classes = list(dataset.classes)
+    if len(classes) != model.num_classes:
+        raise ValueError(
+            f"{args.data} ({args.split}) has {len(classes)} classes (background included) but the model predicts "
+            f"{model.num_classes}; fine-tune it first (mobilevit train ... weights={args.weights})"
+        )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=eval_batches(len(dataset), args.batch_size or 16),
+        num_workers=args.num_workers,
+        collate_fn=collate_detection,
+    )
+    result = evaluate_detection(model, loader, device, args.amp)
+    name = getattr(model.config, "name", None) or arch_name(model)
+    metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "size": size}
+    metrics |= {k: getattr(result, k) for k in ("map", "map50", "map75", "map_small", "map_medium", "map_large")}
+    metrics |= {"loss": result.loss, "images": result.num_images, "detections": result.num_detections}
+    metrics["ap"] = dict(zip(classes[1:], result.per_class_ap, strict=True))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"{name} on {args.data} ({args.split}, {result.num_images} images at {size}x{size} px): "
+            f"mAP {result.map:.2f}  AP50 {result.map50:.2f}  AP75 {result.map75:.2f}  "
+            f"(small {result.map_small:.2f}, medium {result.map_medium:.2f}, large {result.map_large:.2f})"
+        )
+        for cls, ap in metrics["ap"].items():
+            print(f"  {ap:6.2f}  {cls}" if ap == ap else f"     -    {cls} (absent)")
+    if args.samples is not None:
+        picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:8].tolist()
+        images, targets, _ = collate_detection([dataset[i] for i in picks])
+        with torch.inference_mode():
+            preds = [{k: v.cpu() for k, v in p.items()} for p in model.eval()(images.to(device))]
+        title = f"{name} on {args.data} ({args.split}), scores >= {args.score_thresh:g}"
+        plot_detections(images, preds, targets, classes, args.samples, title=title, score_thresh=args.score_thresh)
+        print(f"sample detections: {args.samples}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -841,8 +993,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("--int8 needs --calibration DATA (e.g. fashion-mnist or an image folder) to set the ranges")
     ckpt = load_checkpoint(args.weights) if args.weights else None
     model = create_model(args.model or (ckpt.arch if ckpt else None) or "mobilevit_s", weights=ckpt).eval()
-    transform = model_transform(model)
-    size = args.size or transform.crop_size
+    task = config_task(model.config)
+    if args.postprocess and (args.format != "onnx" or args.int8 or task != "detection"):
+        raise ValueError("--postprocess is for detectors exported with --format onnx (without --int8)")
+    if args.int8 and task == "detection":
+        raise ValueError("--int8 is not supported for detectors yet; export them in float32")
+    size = args.size or eval_size(model)
     name = arch_name(model)
     out = args.output or Path(f"{name}{'.int8' if args.int8 else ''}{SUFFIXES[args.format]}")
     fast = deploy(model, channels_last=False)
@@ -852,6 +1008,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dynamic_size=args.dynamic_size,
     )
+    if args.postprocess:
+        kw["postprocess"] = True
     if not args.int8:
         path = export_model(fast, out, args.format, **kw)
     else:
@@ -859,7 +1017,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         from .deployment.quantize import calibration_images, quantize_onnx
 
-        images = calibration_images(args.calibration, transform, size, args.calibration_images)
+        images = calibration_images(args.calibration, model_transform(model), size, args.calibration_images)
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = export_model(fast, Path(tmp) / "fp32.onnx", "onnx", **kw)
             path = quantize_onnx(fp32, out, images)

@@ -29,24 +29,25 @@ from .models.config import VARIANTS
 from .models.deeplabv3 import MobileViTDeepLabV3
 from .models.peers import PREFIX as PEER_PREFIX
 from .models.peers import TorchvisionModel, load_peer_state, peer_task
+from .models.ssdlite import MobileViTSSDLite
 
 log = logging.getLogger(__name__)
 
 
 #: A model of any task.
-Model = MobileViT | MobileViTDeepLabV3
-_MODEL_CLASSES = {"classification": MobileViT, "segmentation": MobileViTDeepLabV3}
+Model = MobileViT | MobileViTDeepLabV3 | MobileViTSSDLite
+_MODEL_CLASSES = {"classification": MobileViT, "segmentation": MobileViTDeepLabV3, "detection": MobileViTSSDLite}
 
 
 def list_models(task: str | None = "classification") -> list[str]:
-    """Names accepted by :func:`create_model`: the classifiers, ``task="segmentation"``'s models, or all (``None``)."""
+    """Names accepted by :func:`create_model`: the classifiers, another task's models, or all (``task=None``)."""
     if task is not None and task not in ARCHITECTURES:
         raise ValueError(f"unknown task {task!r}; choose one of {list(ARCHITECTURES)} or None")
     return [name for t, archs in ARCHITECTURES.items() if task in (None, t) for name in archs]
 
 
 def model_task(name: str) -> str:
-    """The task of the model ``name`` (``"classification"``, ``"segmentation"``), a ``torchvision:`` peer's too."""
+    """The task of the model ``name`` (``"classification"``, ``"segmentation"``, ``"detection"``), a peer's too."""
     if name.startswith(PEER_PREFIX):
         return peer_task(name)
     task = next((t for t, archs in ARCHITECTURES.items() if name in archs), None)
@@ -84,20 +85,21 @@ def create_model(
     num_classes: int | None = None,
     **overrides: Any,
 ) -> Model:
-    """Build a classifier (``mobilevit_xxs/xs/s``) or a segmentation model (``mobilevit_*_deeplabv3``).
+    """Build a classifier (``mobilevit_xxs/xs/s``), segmenter (``mobilevit_*_deeplabv3``) or detector (``*_ssdlite``).
 
     Args:
         name: architecture, see :func:`list_models` (``list_models(None)`` for every task).
         weights: a known name (``"mobilevit_s.cvnets_in1k"``), a URL, or a local checkpoint file /
             Hugging Face directory in any supported layout (detected automatically), or a
-            :class:`Checkpoint` already read with :func:`load_checkpoint`. A segmentation model also
-            takes a classification checkpoint: its backbone is loaded, the head stays fresh.
-        num_classes: classifier size. Defaults to the checkpoint's (else 1000, or 21 for
-            segmentation). When it differs from the checkpoint's, everything but the classifier is
-            loaded and a fresh classifier is created (fine-tuning).
+            :class:`Checkpoint` already read with :func:`load_checkpoint`. A segmentation or detection
+            model also takes a classification checkpoint: its backbone is loaded, the head stays fresh.
+        num_classes: classifier size. Defaults to the checkpoint's (else 1000, 21 for segmentation,
+            81 for detection: background included). When it differs from the checkpoint's, everything
+            but the classifier (a detector's prediction layers) is loaded and a fresh one is created.
         overrides: other config fields, e.g. ``patch_sizes=(8, 4, 2)``, ``dropout=0.0``,
-            ``output_stride=8``, ``aspp_dropout=0.2``. Unless overridden, ``patch_sizes`` (and a
-            segmentation checkpoint's ``output_stride`` and ``aspp_rates``) follow the checkpoint.
+            ``output_stride=8``, ``aspp_dropout=0.2``, ``min_scale=0.2``. Unless overridden, ``patch_sizes``
+            (a segmentation checkpoint's ``output_stride`` and ``aspp_rates``, a detection checkpoint's
+            anchors, box coder and post-processing settings) follow the checkpoint.
     """
     task = model_task(name)
     if name.startswith(PEER_PREFIX):  # torchvision peers, trained by the same loop for comparisons
@@ -111,6 +113,9 @@ def create_model(
         inherited["patch_sizes"] = backbone_config(ckpt.config).patch_sizes
         if ckpt.task == task == "segmentation":
             inherited |= {"output_stride": ckpt.config.backbone.output_stride, "aspp_rates": ckpt.config.aspp_rates}
+        if ckpt.task == task == "detection":  # anchors, box coder, matching and post-processing settings
+            head = ckpt.config.to_dict()
+            inherited |= {k: v for k, v in head.items() if k not in ("task", "backbone", "num_classes")}
         if num_classes is None and ckpt.task == task:
             num_classes = ckpt.config.num_classes
     config = base.replace(

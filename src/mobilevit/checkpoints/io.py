@@ -27,6 +27,7 @@ from ..models.backbone import MobileViT
 from ..models.config import VARIANTS, MobileViTConfig
 from ..models.deeplabv3 import SEGMENTATION_VARIANTS, DeepLabV3Config
 from ..models.peers import TorchvisionModel
+from ..models.ssdlite import DETECTION_VARIANTS, SSDLiteConfig
 from .layouts import (
     CHANNEL_ORDER,
     LAYOUTS,
@@ -44,11 +45,15 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema", "m
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 #: A model's config: a classifier's, or a dense-prediction model's (which says its ``task``).
-ModelConfig = MobileViTConfig | DeepLabV3Config
+ModelConfig = MobileViTConfig | DeepLabV3Config | SSDLiteConfig
 #: The standard architectures of each task; a task's names are the classifier's plus a suffix.
-ARCHITECTURES: dict[str, dict[str, Any]] = {"classification": VARIANTS, "segmentation": SEGMENTATION_VARIANTS}
-_ARCH_SUFFIX = {"classification": "", "segmentation": "_deeplabv3"}
-_CONFIG_CLASSES = {"classification": MobileViTConfig, "segmentation": DeepLabV3Config}
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "classification": VARIANTS,
+    "segmentation": SEGMENTATION_VARIANTS,
+    "detection": DETECTION_VARIANTS,
+}
+_ARCH_SUFFIX = {"classification": "", "segmentation": "_deeplabv3", "detection": "_ssdlite"}
+_CONFIG_CLASSES = {"classification": MobileViTConfig, "segmentation": DeepLabV3Config, "detection": SSDLiteConfig}
 
 
 class CheckpointError(ValueError):
@@ -74,9 +79,10 @@ def task_arch(arch: str, task: str) -> str:
 class Checkpoint:
     """A checkpoint converted to our names, stem in RGB order, with the config it implies.
 
-    ``config`` is a :class:`MobileViTConfig` for a classifier and a :class:`DeepLabV3Config` for a
-    segmentation model (keys ``backbone.*``, ``aspp.*``, ``classifier.*``); ``arch`` names the
-    standard architecture, e.g. ``mobilevit_xs`` or ``mobilevit_xs_deeplabv3``.
+    ``config`` is a :class:`MobileViTConfig` for a classifier, a :class:`DeepLabV3Config` for a
+    segmentation model (keys ``backbone.*``, ``aspp.*``, ``classifier.*``) and an :class:`SSDLiteConfig`
+    for a detector (``backbone.*``, ``extra.*``, ``heads.*``); ``arch`` names the standard architecture,
+    e.g. ``mobilevit_xs``, ``mobilevit_xs_deeplabv3`` or ``mobilevit_xs_ssdlite``.
     """
 
     state_dict: dict[str, Tensor]
@@ -93,7 +99,7 @@ class Checkpoint:
 def read_checkpoint(path: str | os.PathLike, layout: str | None = None) -> Checkpoint:
     """Read any supported checkpoint: our format, timm, ml-cvnets, Hugging Face dir, mmpretrain.
 
-    Classifiers and segmentation models (ours, ml-cvnets, Hugging Face) alike; ``layout`` forces a
+    Classifiers, segmentation models (ours, ml-cvnets, Hugging Face) and detectors (ours, ml-cvnets) alike; ``layout`` forces a
     layout instead of detecting it (and the task) from the keys.
     """
     path = Path(path)
@@ -177,6 +183,9 @@ def _head_fields(state: dict[str, Tensor], task: str) -> dict[str, int]:
     fields = {"num_classes": weight.shape[0] if weight is not None else 0}
     if task == "segmentation" and weight is not None:
         fields["aspp_channels"] = weight.shape[1]
+    if task == "detection" and weight is not None:  # anchors x (4 box + classes) outputs at the first level
+        n_anchors = DETECTION_VARIANTS["mobilevit_xxs_ssdlite"].anchor_counts[0]  # the official 6
+        fields["num_classes"] = weight.shape[0] // n_anchors - 4
     return fields
 
 
@@ -344,12 +353,12 @@ def save_checkpoint(
     arch: str | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write our (RGB) ``state_dict`` of a classifier or segmentation model in ``layout``, atomically.
+    """Write our (RGB) ``state_dict`` of a model of any task in ``layout``, atomically.
 
     ``mobilevit`` is one safetensors file whose header holds the config and ``meta`` (categories,
     preprocessing) as JSON. ``hf`` writes a directory with config.json and model.safetensors.
     BGR layouts (cvnets, hf, mmpretrain) get their stem flipped back to BGR. Segmentation models
-    can be written as ``mobilevit``, ``cvnets`` and ``hf``.
+    can be written as ``mobilevit``, ``cvnets`` and ``hf``; detectors as ``mobilevit`` and ``cvnets``.
     """
     task = config_task(config)
     if layout not in WRITABLE:

@@ -3,7 +3,8 @@
 Every layout names the same modules; a layout is a table from our module-name templates to its
 own. Templates use ``{i}``/``{j}`` (MobileNetV2 stage and block, stages 0-1), ``{m}`` (MobileViT
 stage 2-4), ``{t}`` (transformer layer), ``{L}`` (layers in that stage), ``{s}`` (1-based stage)
-and ``{b}`` (ASPP branch).
+``{b}`` (ASPP branch), ``{e}`` / ``{os}`` (SSD extra layer and its output stride), ``{h}`` (SSD level with a
+separable predictor) and ``{p}`` (SSD level with a projection).
 
 A task other than classification (see :data:`TASKS`) is the classification backbone without its
 final 1x1 conv and classifier, under a prefix, plus a head with a small table of its own.
@@ -165,6 +166,30 @@ _SEG_HEADS = {
     },
 }
 
+# SSDLite head: extra layers (separable, stride 2, then a global level) and one predictor per level.
+_DET_HEAD = [
+    ("extra.{e}.dw.conv", "extra"), ("extra.{e}.dw.bn", "extra"), ("extra.{e}.pw.conv", "extra"),
+    ("extra.{e}.pw.bn", "extra"), ("extra.3.conv", ""),
+    ("heads.{p}.proj.conv", "proj"), ("heads.{p}.proj.bn", "proj"),
+    ("heads.{h}.pred.dw.conv", "heads"), ("heads.{h}.pred.dw.bn", "heads"), ("heads.{h}.pred.pw", "heads"),
+    ("heads.5.pred", ""),
+]  # fmt: skip
+_DET_HEADS = {
+    "cvnets": {
+        "extra.{e}.dw.conv": "extra_layers.os_{os}.dw_conv.block.conv",
+        "extra.{e}.dw.bn": "extra_layers.os_{os}.dw_conv.block.norm",
+        "extra.{e}.pw.conv": "extra_layers.os_{os}.pw_conv.block.conv",
+        "extra.{e}.pw.bn": "extra_layers.os_{os}.pw_conv.block.norm",
+        "extra.3.conv": "extra_layers.os_-1.1.block.conv",
+        "heads.{p}.proj.conv": "ssd_heads.{p}.proj_layer.block.conv",
+        "heads.{p}.proj.bn": "ssd_heads.{p}.proj_layer.block.norm",
+        "heads.{h}.pred.dw.conv": "ssd_heads.{h}.loc_cls_layer.dw_conv.block.conv",
+        "heads.{h}.pred.dw.bn": "ssd_heads.{h}.loc_cls_layer.dw_conv.block.norm",
+        "heads.{h}.pred.pw": "ssd_heads.{h}.loc_cls_layer.pw_conv.block.conv",
+        "heads.5.pred": "ssd_heads.5.loc_cls_layer.block.conv",
+    },
+}
+
 
 @dataclass(frozen=True)
 class Task:
@@ -188,7 +213,7 @@ class Task:
         return self.prefixes["mobilevit"]
 
 
-#: Every task's naming. A detection task would add its head (``extra_layers``, ``ssd_heads``) here.
+#: Every task's naming.
 TASKS: dict[str, Task] = {
     "classification": Task({name: "" for name in LAYOUTS}, [], {name: {} for name in LAYOUTS}, (), ("fc",)),
     "segmentation": Task(
@@ -197,6 +222,20 @@ TASKS: dict[str, Task] = {
         heads={"mobilevit": {ours: ours for ours, _ in _SEG_HEAD}, **_SEG_HEADS},
         dropped=("final_conv", "fc"),
         classifier=("classifier",),
+    ),
+    "detection": Task(
+        prefixes={"mobilevit": "backbone.", "cvnets": "encoder."},
+        head=_DET_HEAD,
+        heads={"mobilevit": {ours: ours for ours, _ in _DET_HEAD}, **_DET_HEADS},
+        dropped=("final_conv", "fc"),
+        classifier=(
+            "heads.0.pred.pw",
+            "heads.1.pred.pw",
+            "heads.2.pred.pw",
+            "heads.3.pred.pw",
+            "heads.4.pred.pw",
+            "heads.5.pred",
+        ),
     ),
 }
 
@@ -229,6 +268,12 @@ def _expand(
             idx = [dict(m=m, s=m + 1, t=t) for m in (2, 3, 4) for t in range(depths[m - 2])]
         elif scope == "aspp":
             idx = [dict(b=b) for b in range(4)]
+        elif scope == "extra":
+            idx = [dict(e=e, os=64 * 2**e) for e in range(3)]
+        elif scope == "heads":
+            idx = [dict(h=h) for h in range(5)]
+        elif scope == "proj":
+            idx = [dict(p=p) for p in range(2)]
         else:
             idx = [{}]
         for kw in idx:

@@ -12,6 +12,20 @@ Segmentation models (``mobilevit_xxs_deeplabv3`` ...) are compared with Hugging 
 on MobileNetV3-Large (other architectures, random weights: only their speed is compared). Every
 segmentation row returns logits at the input size (Hugging Face's stride-16 logits are upsampled the
 way ours are). With several ``patch_sizes``, our implementations are measured for each, the peers once.
+
+Detectors (``mobilevit_xxs_ssdlite`` ...) are compared with torchvision's SSDLite320-MobileNetV3-Large
+(``tv-ssdlite``; another architecture, random weights, the same 3234 anchors at 320x320). Every detection
+row but the ``+post`` ones times the network forward only, up to what an exported file outputs: every
+anchor's decoded box and softmax class probabilities (ours: ``forward_raw``, ``decode_boxes``, softmax;
+torchvision: its normalisation, backbone, head, anchors, box decoding and softmax, without its resize
+and post-processing). ``deploy+post``, ``onnx+post`` and ``tv-ssdlite+post`` run the whole eval forward
+with each library's own post-processing (ours: score > 0.05, NMS 0.5, 200 per class; torchvision's: score >
+0.001, 300 candidates per class, NMS 0.55, 300 per image, plus its resize). Post-processing time depends on
+how many scores pass the threshold, which random weights do not decide realistically, and freshly initialised
+BatchNorm statistics let torchvision's activations vanish into subnormal numbers (slow on CPUs): so before
+timing, every detector is calibrated on the first images of the benchmark batch (:func:`calibrate_detector`:
+BatchNorm statistics, then the class logits' spread and background level) until about
+:data:`DETECTION_CANDIDATES` (anchor, class) scores per image pass its own threshold.
 """
 
 from __future__ import annotations
@@ -29,11 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..factory import create_model, model_task
 from ..models.backbone import MobileViT
 from ..models.deeplabv3 import MobileViTDeepLabV3
 from ..models.flops import count_macs
+from ..models.peers import TorchvisionModel
+from ..models.ssdlite import MobileViTSSDLite
 from .fuse import deploy
 
 #: Implementations in table order: peers first, then ours.
@@ -42,6 +59,9 @@ IMPLS = (
     "hf",
     "tv-deeplabv3",
     "tv-lraspp",
+    "tv-ssdlite",
+    "tv-ssdlite-onnx",
+    "tv-ssdlite+post",
     "ours",
     "deploy",
     "compile",
@@ -49,17 +69,27 @@ IMPLS = (
     "onnx",
     "onnx-int8",
     "executorch",
+    "deploy+post",
+    "onnx+post",
 )
 #: Peers, built once per (model, batch) at the model's default patch sizes (torchvision's have none).
-PEERS = ("timm", "hf", "tv-deeplabv3", "tv-lraspp")
+PEERS = ("timm", "hf", "tv-deeplabv3", "tv-lraspp", "tv-ssdlite", "tv-ssdlite-onnx", "tv-ssdlite+post")
+_DETECTION_ONLY = ("tv-ssdlite", "tv-ssdlite-onnx", "tv-ssdlite+post", "deploy+post", "onnx+post")
 #: Implementations that do not apply to a task.
-_NOT_FOR = {"classification": ("tv-deeplabv3", "tv-lraspp"), "segmentation": ("timm",)}
-#: The peer every speed-up is relative to, per task (for segmentation: the same architecture in transformers).
-BASELINES = {"classification": "timm", "segmentation": "hf"}
+_NOT_FOR = {
+    "classification": ("tv-deeplabv3", "tv-lraspp", *_DETECTION_ONLY),
+    "segmentation": ("timm", *_DETECTION_ONLY),
+    "detection": ("timm", "hf", "tv-deeplabv3", "tv-lraspp", "compile", "torchscript", "onnx-int8", "executorch"),
+}
+#: The peer every speed-up is relative to, per task (for segmentation: the same architecture in transformers;
+#: for detection: torchvision's SSDLite network forward, no post-processing).
+BASELINES = {"classification": "timm", "segmentation": "hf", "detection": "tv-ssdlite"}
+#: (anchor, class) scores per image above each detector's score threshold in the ``+post`` rows (see the module doc).
+DETECTION_CANDIDATES = 1000
 #: The classification baseline (kept for callers of earlier releases).
 BASELINE = BASELINES["classification"]
 
-Model = MobileViT | MobileViTDeepLabV3
+Model = MobileViT | MobileViTDeepLabV3 | MobileViTSSDLite
 PatchSizes = tuple[int, int, int]
 
 
@@ -164,7 +194,7 @@ def sgemm_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
 
 
 def build_model(name: str, patch_sizes: PatchSizes | None = None) -> Model:
-    """Our model ``name`` (classifier or segmentation) with random weights, in eval mode."""
+    """Our model ``name`` (classifier, segmentation or detection) with random weights, in eval mode."""
     overrides = {"patch_sizes": tuple(patch_sizes)} if patch_sizes else {}
     return create_model(name, **overrides).eval()
 
@@ -231,6 +261,170 @@ def _hf_segmentation_model(model: MobileViTDeepLabV3) -> Callable[[torch.Tensor]
 TORCHVISION_PEERS = {"tv-deeplabv3": "deeplabv3_mobilenet_v3_large", "tv-lraspp": "lraspp_mobilenet_v3_large"}
 
 
+# ------------------------------------------------------------------------------------------ detection
+
+
+def _detector_outputs(model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """Our detector's network forward up to an exported file's outputs: decoded boxes and class probabilities."""
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = model.forward_raw(x)
+        return model.decode_boxes(raw), raw.class_logits.softmax(-1)
+
+    return run
+
+
+class TorchvisionSSDOutputs(nn.Module):
+    """torchvision SSD's network forward: normalisation, backbone, head, anchors, box decoding and softmax.
+
+    The same outputs as our detectors' (pixel boxes rather than normalised ones), without torchvision's
+    resize (the input has the model's size already) and post-processing.
+    """
+
+    def __init__(self, peer: TorchvisionModel):
+        super().__init__()
+        self.net = peer.net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.models.detection.image_list import ImageList
+
+        net = self.net
+        mean = torch.tensor(net.transform.image_mean).reshape(-1, 1, 1)
+        std = torch.tensor(net.transform.image_std).reshape(-1, 1, 1)
+        x = (x - mean) / std
+        features = list(net.backbone(x).values())
+        head = net.head(features)
+        anchors = net.anchor_generator(ImageList(x[:1], [tuple(x.shape[-2:])]), features)[0]  # the same per image
+        regression = head["bbox_regression"]
+        per_image = anchors.expand(regression.shape[0], -1, -1).reshape(-1, 4)
+        boxes = net.box_coder.decode_single(regression.reshape(-1, 4), per_image).reshape(regression.shape)
+        return boxes, head["cls_logits"].softmax(-1)
+
+
+def _calibration(logits: torch.Tensor, threshold: float, candidates: int, spread: float) -> tuple[float, float]:
+    """``(scale, shift)``: multiplying the class logits by ``scale`` (their standard deviation becomes ``spread``) and
+    adding ``shift`` to the background's leaves about ``candidates`` object scores per image above ``threshold``."""
+    scale = spread / logits[..., 1:].std().clamp(min=1e-6).item()
+    low, high = -100.0, 100.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        shifted = logits * scale
+        shifted[..., 0] += mid
+        above = (shifted.softmax(-1)[..., 1:] > threshold).sum().item() / len(logits)
+        low, high = (mid, high) if above > candidates else (low, mid)
+    return scale, high
+
+
+@torch.no_grad()
+def _rescale(conv: nn.Conv2d, classes: torch.Tensor, background: torch.Tensor, scale: float, shift: float) -> None:
+    conv.weight[classes] *= scale
+    conv.bias[classes] *= scale
+    conv.bias[background] += shift
+
+
+@torch.no_grad()
+def _calibrate_batchnorm(model: nn.Module, run: Callable[[], Any]) -> None:
+    """Set every BatchNorm's statistics to those of the batch ``run()`` feeds ``model`` (left in eval mode).
+
+    Only the BatchNorm layers are put in training mode (dropout stays off: the statistics are deterministic).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in norms]
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: one batch gives its own statistics
+        bn.train()
+    run()
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+        bn.eval()
+
+
+@torch.no_grad()
+def calibrate_detector(
+    model: nn.Module, x: torch.Tensor, candidates: int = DETECTION_CANDIDATES, spread: float = 2.0
+) -> tuple[float, float]:
+    """Make a random-weight detector's activations and scores like a trained one's (in place), on images ``x``.
+
+    BatchNorm statistics are measured on ``x`` (freshly initialised ones let torchvision's SSD features
+    vanish to ~1e-13 and below, where subnormal numbers slow CPUs down), then the class logits get a
+    spread (standard deviation ``spread``) and a background level such that about ``candidates`` (anchor,
+    class) scores per image pass the model's own score threshold: a post-processing workload like a
+    trained detector's, where random weights give almost none or all. Only the last convolution of each
+    classification head is changed besides BatchNorm (scaled, and the background's bias shifted).
+    ``model`` is one of our detectors or torchvision's SSD peer (:class:`TorchvisionModel`). Returns the
+    logits' ``(scale, shift)``.
+    """
+    if isinstance(model, TorchvisionModel):
+        _calibrate_batchnorm(model, lambda: TorchvisionSSDOutputs(model)(x))
+        logits = TorchvisionSSDOutputs(model)(x)[1].log()
+        scale, shift = _calibration(logits, model.net.score_thresh, candidates, spread)
+        for layer in model.net.head.classification_head.module_list:
+            conv = layer[-1]  # channels: num_classes per anchor
+            channel = torch.arange(conv.out_channels)
+            _rescale(conv, channel >= 0, channel % model.num_classes == 0, scale, shift)
+        return scale, shift
+    _calibrate_batchnorm(model, lambda: model.forward_raw(x))
+    logits = model.forward_raw(x).class_logits
+    scale, shift = _calibration(logits, model.config.score_thresh, candidates, spread)
+    width = 4 + model.num_classes
+    for head in model.heads:
+        conv = head.pred.pw if hasattr(head.pred, "pw") else head.pred  # 4 box values, then the classes per anchor
+        channel = torch.arange(conv.out_channels) % width
+        _rescale(conv, channel >= 4, channel == 4, scale, shift)
+    return scale, shift
+
+
+def _torchvision_ssd_onnx(peer: TorchvisionModel, size: int, path: Path) -> Path:
+    """torchvision SSD's network forward (:class:`TorchvisionSSDOutputs`) in ONNX, batch dynamic, via the
+    TorchScript-based exporter (its anchors become constants of the graph)."""
+    import warnings
+
+    if not path.exists():
+        axes = {"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                TorchvisionSSDOutputs(peer).eval(),
+                (torch.rand(2, 3, size, size),),
+                str(path),
+                input_names=["images"],
+                output_names=["boxes", "scores"],
+                opset_version=18,
+                dynamo=False,
+                dynamic_axes=axes,
+            )
+    return path
+
+
+def _detection_impl(
+    impl: str, model: MobileViTSSDLite, size: int, threads: int, exported: Callable[..., Path], workdir: Path
+) -> Callable[[torch.Tensor], Any] | None:
+    """A detector's implementation (torchvision's SSD, ours up to boxes and scores, the ``+post`` rows), or None
+    for the ones shared with other tasks (``onnx``)."""
+    if impl.startswith("tv-ssdlite"):
+        peer = create_model("torchvision:ssdlite320_mobilenet_v3_large", num_classes=model.num_classes).eval()
+        calibrate_detector(peer, _calibration_images(size))
+        if impl == "tv-ssdlite+post":
+            return peer
+        if impl == "tv-ssdlite":
+            return TorchvisionSSDOutputs(peer).eval()
+        return _onnx_session(_torchvision_ssd_onnx(peer, size, workdir / f"tv_ssdlite_{size}.onnx"), threads)
+    if impl == "deploy+post":
+        return deploy(model)
+    if impl == "onnx+post":
+        return _onnx_session(exported("onnx", "_post.onnx", dynamic=True, postprocess=True), threads)
+    if impl in ("ours", "deploy"):
+        return _detector_outputs(model if impl == "ours" else deploy(model))
+    return None
+
+
+def _calibration_images(size: int) -> torch.Tensor:
+    """The images detectors are calibrated on (:func:`calibrate_detector`): the first four of every timed batch."""
+    return torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def _compiled(model: Model) -> Callable[[torch.Tensor], Any]:
     import torch._inductor.config as inductor_config
 
@@ -262,6 +456,7 @@ def build_impl(
     """A callable running ``impl`` of ``model`` on a ``[batch, 3, size, size]`` tensor (exports go to ``workdir``).
 
     The int8 model is calibrated on random images: its speed, not its accuracy, is what is measured here.
+    A detector's rows are described in the module doc (``model`` is calibrated by :func:`run_bench`).
     """
     if impl == "timm":
         return _timm_model(name, model)
@@ -269,12 +464,6 @@ def build_impl(
         return _hf_model(model, workdir)
     if impl in TORCHVISION_PEERS:
         return create_model(f"torchvision:{TORCHVISION_PEERS[impl]}", num_classes=model.num_classes).eval()
-    if impl == "ours":
-        return model
-    if impl == "deploy":
-        return deploy(model)
-    if impl == "compile":
-        return _compiled(model)
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
     from .export import export_model
@@ -286,6 +475,17 @@ def build_impl(
         if not path.exists():
             export_model(deploy(model, channels_last=False), path, fmt, image_size=(size, size), **kw)
         return path
+
+    if isinstance(model, MobileViTSSDLite):
+        fn = _detection_impl(impl, model, size, threads, exported, workdir)
+        if fn is not None:
+            return fn
+    if impl == "ours":
+        return model
+    if impl == "deploy":
+        return deploy(model)
+    if impl == "compile":
+        return _compiled(model)
 
     if impl == "torchscript":
         return torch.jit.load(exported("torchscript", ".pt", dynamic=True)).eval()
@@ -311,8 +511,10 @@ def available_impls(task: str = "classification") -> list[str]:
         "hf": "transformers",
         "tv-deeplabv3": "torchvision",
         "tv-lraspp": "torchvision",
+        "tv-ssdlite-onnx": "onnxruntime",
         "onnx": "onnxruntime",
         "onnx-int8": "onnxruntime",
+        "onnx+post": "onnxruntime",
         "executorch": "executorch",
     }
     impls = [i for i in IMPLS if i not in _NOT_FOR.get(task, ())]
@@ -332,8 +534,8 @@ def run_bench(
 ) -> tuple[list[BenchRow], float]:
     """Measure every implementation; returns the rows and the sgemm rate (GFLOP/s) used for the floor.
 
-    ``models`` may mix classifiers and segmentation models; each gets the implementations of ``impls``
-    (default: all available) that apply to its task. ``patch_sizes`` (default: each model's own) lists
+    ``models`` may mix classifiers, segmentation models and detectors; each gets the implementations of
+    ``impls`` (default: all available) that apply to its task. ``patch_sizes`` (default: each model's own) lists
     the MobileViT patch sizes our implementations are measured at, e.g. ``[(2, 2, 2), (8, 4, 2)]``; the
     peers are measured once, at the model's default patch sizes, in the same timing blocks.
     """
@@ -352,6 +554,9 @@ def run_bench(
             mine = [i for i in (requested or available_impls(task)) if i not in _NOT_FOR[task]]
             default = build_model(name)
             ours = {p: build_model(name, p) if p else default for p in configs}
+            if task == "detection":  # a realistic post-processing workload for the +post rows
+                for m in ({id(m): m for m in ours.values()} | {id(default): default}).values():
+                    calibrate_detector(m, _calibration_images(size))
             for batch in batch_sizes:
                 x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
                 fns: dict[tuple[str, PatchSizes | None], Callable] = {}

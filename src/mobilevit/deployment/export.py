@@ -10,6 +10,13 @@ size, a choice made in Python while the graph is captured. ONNX files can leave 
 (``dynamic_size=True``): the inference form then always resizes (an identity on multiples), so one
 graph serves every size. The batch axis can be left dynamic in every format but Core ML.
 
+A detector (:class:`~mobilevit.models.ssdlite.MobileViTSSDLite`, or its inference form) is exported by
+default at 320x320 with two outputs: ``boxes`` (decoded, normalised ``x1, y1, x2, y2``) and ``scores``
+(softmax probabilities, background included) for every anchor; see :class:`DetectionGraph`. Its anchors
+are computed in the graph from the feature-map sizes, so ONNX files can leave H and W dynamic too. ONNX
+files can also carry the official post-processing (``postprocess=True``, the ``NonMaxSuppression``
+operator): :func:`onnx_detections` turns their outputs into the detections ``model.postprocess`` gives.
+
 After export, outputs are compared with PyTorch's (TorchScript always; ONNX when onnxruntime is
 installed, at a second input size too when H and W are dynamic). Files carry metadata where the
 format has room for it (ONNX, TorchScript, Core ML; not ExecuTorch): the task, the input convention,
@@ -40,10 +47,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import batched_nms
 
 from ..checkpoints.io import atomic_path
+from ..models.anchors import SSDAnchors, center_to_corner, decode
 from ..models.backbone import MobileViT
 from ..models.deeplabv3 import MobileViTDeepLabV3
+from ..models.ssdlite import MobileViTSSDLite
 from . import fuse
 from .fuse import deploy
 
@@ -74,7 +84,18 @@ OUTPUTS = {
     "classification": "logits: float32 [batch, num_classes]",
     "segmentation": "logits: float32 [batch, num_classes, H, W], per-pixel class logits at the input size "
     "(the stride-16 logits upsampled bilinearly, align_corners=False); argmax over axis 1 gives the mask",
+    "detection": "boxes: float32 [batch, anchors, 4], every anchor's decoded box as x1, y1, x2, y2 normalised to "
+    "[0, 1] by the input size (unclipped); scores: float32 [batch, anchors, num_classes], softmax class "
+    "probabilities, class 0 = background",
 }
+#: What a detector's ``selected`` output is (with ``postprocess=True``).
+SELECTED_OUTPUT = (
+    "selected: int64 [detections, 3], rows (batch index, class index into scores' last axis, anchor index) of "
+    "the official post-processing: per class 1..num_classes-1, scores above {score_thresh}, NMS at IoU "
+    "{nms_iou}, at most {topk} per class and image, in order of batch, class, decreasing score"
+)
+#: Default ``image_size`` per task (detectors: the paper's COCO size).
+DEFAULT_SIZES = {"classification": (256, 256), "segmentation": (256, 256), "detection": (320, 320)}
 
 #: Why a format keeps H and W fixed.
 _FIXED_SIZE = {
@@ -96,25 +117,27 @@ def export_model(
     path: str | os.PathLike,
     format: str,
     *,
-    image_size: tuple[int, int] = (256, 256),
+    image_size: tuple[int, int] | None = None,
     dynamic: bool = False,
     batch_size: int = 1,
     dynamic_size: bool = False,
+    postprocess: bool = False,
 ) -> Path:
     """Export ``model`` to ``path`` in ``format`` (one of :data:`FORMATS`) and return the path.
 
     Args:
-        model: a classifier or segmentation model taking ``[B, 3, H, W]`` RGB images in [0, 1]
+        model: a classifier, segmentation model or detector taking ``[B, 3, H, W]`` RGB images in [0, 1]
             (e.g. from :func:`mobilevit.create_model`, or its inference form from :func:`mobilevit.deploy`).
         path: output file; its suffix must be ``SUFFIXES[format]``.
         format: ``"onnx"``, ``"torchscript"``, ``"coreml"`` or ``"executorch"``.
         image_size: ``(H, W)`` the file is made for (with ``dynamic_size``, the size it is traced and
-            checked at).
+            checked at). Default: 320x320 for detectors, else 256x256.
         dynamic: leave the batch axis dynamic (ONNX, TorchScript, ExecuTorch; not Core ML).
         batch_size: batch of the example input; the fixed batch when ``dynamic`` is False. For
             ExecuTorch with ``dynamic=True`` it is the largest batch accepted (memory is planned for it).
         dynamic_size: leave H and W dynamic (ONNX only; other formats raise :class:`ExportError`).
             A segmentation model's output then follows the input size.
+        postprocess: (ONNX, detectors) put the official post-processing in the graph, see :func:`export_onnx`.
     """
     exporters: dict[str, Callable[..., Path]] = {
         "onnx": export_onnx,
@@ -124,8 +147,14 @@ def export_model(
     }
     if format not in exporters:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    kw: dict[str, Any] = {"postprocess": True} if format == "onnx" and postprocess else {}
+    if postprocess and format != "onnx":
+        raise ExportError(
+            f"post-processing in the graph (postprocess=True) is supported in ONNX files only, not {format}: export "
+            "the detector's raw outputs (boxes, scores) and run mobilevit.deployment.export.onnx_detections on them"
+        )
     return exporters[format](
-        model, path, image_size=image_size, dynamic=dynamic, batch_size=batch_size, dynamic_size=dynamic_size
+        model, path, image_size=image_size, dynamic=dynamic, batch_size=batch_size, dynamic_size=dynamic_size, **kw
     )
 
 
@@ -136,10 +165,11 @@ def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    image_size: tuple[int, int] = (256, 256),
+    image_size: tuple[int, int] | None = None,
     dynamic: bool = False,
     batch_size: int = 1,
     dynamic_size: bool = False,
+    postprocess: bool = False,
 ) -> Path:
     """Export to ONNX (opset :data:`ONNX_OPSET`): input ``"images"``, output ``"logits"``.
 
@@ -157,20 +187,39 @@ def export_onnx(
     size.) This needs onnxruntime: the file is checked at ``image_size`` and at a second size that
     is not a multiple of any patch grid.
 
+    A detector (default size 320x320) always goes through the TorchScript-based exporter and has the
+    outputs ``"boxes"`` ``[batch, anchors, 4]`` and ``"scores"`` ``[batch, anchors, num_classes]`` (see
+    :class:`DetectionGraph`: decoded normalised corner boxes and softmax probabilities rather than raw
+    regression, logits and anchors, so that a runtime needs no box coder; the anchors are computed in the
+    graph, so ``dynamic_size`` works, ``"anchors"`` then being symbolic). With ``postprocess=True`` a third
+    output ``"selected"`` ``[detections, 3]`` (int64 rows batch, class, anchor) holds the official
+    post-processing, done by the ``NonMaxSuppression`` operator with the model's ``score_thresh``,
+    ``nms_iou`` and ``topk_per_class``; :func:`onnx_detections` turns the three outputs into detections.
+
     The file is checked with ``onnx.checker``, and its outputs against PyTorch's when onnxruntime is
-    installed (within :data:`PARITY_TOL`), before it replaces ``path``.
+    installed (within :data:`PARITY_TOL`), before it replaces ``path``. A detector's ``selected`` is
+    checked against PyTorch's post-processing of the file's own ``boxes`` and ``scores``.
     """
+    image_size = _default_size(model, image_size)
     path = _check_args("onnx", path, image_size, batch_size)
     onnx = _require("onnx", "ONNX export")
     _require("onnxscript", "ONNX export")
     if dynamic_size:
         _require("onnxruntime", "ONNX export with dynamic H and W (the file is checked at two sizes)")
+    detector = _task(model) == "detection"
+    if postprocess and not detector:
+        raise ExportError(f"postprocess=True is for detectors; this is a {_task(model)} model")
     model = _prepare(model, size_agnostic=dynamic_size)
+    if detector:
+        model = DetectionGraph(model, postprocess=postprocess)
     example = _example(model, image_size, max(batch_size, 2) if dynamic else batch_size)
     with atomic_path(path) as tmp:
-        if dynamic_size:
+        if detector:
             with _converting("ONNX"):
-                _onnx_legacy(model, example, tmp, dynamic_axes=(0, 2, 3) if dynamic else (2, 3))
+                _onnx_legacy(model, example, tmp, _detection_axes(model, dynamic, dynamic_size), model.output_names)
+        elif dynamic_size:
+            with _converting("ONNX"):
+                _onnx_legacy(model, example, tmp, _image_axes((0, 2, 3) if dynamic else (2, 3)))
         else:
             try:
                 _onnx_dynamo(model, example, tmp, dynamic)
@@ -188,8 +237,10 @@ def export_onnx(
         with _converting("ONNX"):
             proto = onnx.load(str(tmp))
             task = _task(model)
-            proto.doc_string = f"MobileViT {task} model. images: {INPUT_CONVENTION}; {OUTPUTS[task]}"
-            if dynamic_size:  # the tracer names the class axis of the output after an op: give it its size
+            proto.doc_string = f"MobileViT {task} model. images: {INPUT_CONVENTION}; {_output_doc(model)}"
+            if detector:
+                _set_detection_dims(proto, model, example, dynamic, dynamic_size)
+            elif dynamic_size:  # the tracer names the class axis of the output after an op: give it its size
                 classes = _outputs(model, example).shape[1]
                 proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = classes
             for key, value in _metadata(model, image_size, dynamic_size).items():
@@ -218,10 +269,21 @@ def _onnx_dynamo(model: nn.Module, example: Tensor, dst: Path, dynamic: bool) ->
     program.save(dst, external_data=False)
 
 
-def _onnx_legacy(model: nn.Module, example: Tensor, dst: Path, dynamic_axes: tuple[int, ...] = ()) -> None:
-    """The TorchScript-based exporter; ``dynamic_axes`` (of 0, 2, 3) are left symbolic in input and output."""
+def _image_axes(dynamic_axes: tuple[int, ...]) -> dict[str, dict[int, str]]:
+    """Symbolic axes (of 0, 2, 3) of ``images`` and of ``logits``, which has the input's shape."""
     names = {0: "batch", 2: "height", 3: "width"}
     axes = {i: names[i] for i in dynamic_axes}
+    return {"images": axes, "logits": axes} if axes else {}
+
+
+def _onnx_legacy(
+    model: nn.Module,
+    example: Tensor,
+    dst: Path,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    output_names: tuple[str, ...] = ("logits",),
+) -> None:
+    """The TorchScript-based exporter; ``dynamic_axes`` maps input/output names to their symbolic axes."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # deprecation of this exporter, tracer warnings about fixed H, W
         torch.onnx.export(
@@ -229,10 +291,10 @@ def _onnx_legacy(model: nn.Module, example: Tensor, dst: Path, dynamic_axes: tup
             (example,),
             str(dst),
             input_names=["images"],
-            output_names=["logits"],
+            output_names=list(output_names),
             opset_version=ONNX_OPSET,
             dynamo=False,
-            dynamic_axes={"images": axes, "logits": axes} if axes else None,
+            dynamic_axes=dynamic_axes or None,
         )
 
 
@@ -246,22 +308,32 @@ def _check_onnx(model: nn.Module, path: Path, inputs: list[Tensor]) -> None:
     with _converting("ONNX"):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for x in inputs:
-            got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+            got = [torch.from_numpy(o) for o in session.run(None, {"images": x.numpy()})]
             expected = _outputs(model, x)
-            if not _close(got, expected, PARITY_TOL):
+            if isinstance(model, DetectionGraph):
+                problem = model.mismatch(got, expected)
+            else:
+                problem = _difference(got[0], expected) if not _close(got[0], expected, PARITY_TOL) else None
+            if problem:
                 raise ExportError(
                     f"ONNX export failed: onnxruntime's outputs for input {list(x.shape)} differ from PyTorch's "
-                    f"({_difference(got, expected)})"
+                    f"({problem})"
                 )
 
 
-def run_onnx(path: str | os.PathLike, images: Tensor) -> Tensor:
-    """Logits of an exported ONNX file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with onnxruntime (CPU)."""
+def run_onnx(path: str | os.PathLike, images: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Outputs of an exported ONNX file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with onnxruntime (CPU).
+
+    The logits of a classifier or segmentation model; a detector's outputs as a tuple in the file's
+    order (``boxes, scores`` and, with post-processing, ``selected``: see :func:`onnx_detections`).
+    """
     _require("onnxruntime", "running ONNX files")
     session = _onnx_session(*_file_key(path))
     x = _as_input(images)
     try:
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        tensors = tuple(torch.from_numpy(o) for o in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
     except Exception as exc:
         expected = [d if isinstance(d, int) else str(d) for d in session.get_inputs()[0].shape]
         raise ValueError(f"{path}: takes images shaped {expected}, got {list(x.shape)} ({_reason(exc)})") from exc
@@ -273,6 +345,208 @@ def _onnx_session(path: str, mtime_ns: int, size: int) -> Any:
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
+# ------------------------------------------------------------------------------------- detectors
+
+
+def non_max_suppression(
+    boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float, score_threshold: float
+) -> Tensor:
+    """ONNX ``NonMaxSuppression`` (``center_point_box=0``) in PyTorch: the official per-class post-processing.
+
+    ``boxes`` ``[B, N, 4]`` corners, ``scores`` ``[B, C, N]``. For each image and class: the boxes scoring
+    above ``score_threshold``, greedy NMS (a box is dropped when its IoU with a kept one is above
+    ``iou_threshold``), the best ``max_per_class``. Returns int64 rows ``(batch, class, box)`` ``[K, 3]``
+    in order of batch, class, decreasing score.
+    """
+    rows = []
+    for b in range(boxes.shape[0]):
+        cls, idx = torch.nonzero(scores[b] > score_threshold, as_tuple=True)
+        keep = batched_nms(boxes[b, idx].float(), scores[b, cls, idx].float(), cls, iou_threshold)  # by score
+        keep = keep[torch.sort(cls[keep], stable=True).indices]  # class order, by score within a class
+        kept = cls[keep]
+        keep = keep[torch.arange(len(keep)) - torch.searchsorted(kept, kept) < max_per_class]
+        rows.append(torch.stack([torch.full_like(keep, b), cls[keep], idx[keep]], 1))
+    return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.int64)
+
+
+class _NonMaxSuppression(torch.autograd.Function):
+    """:func:`non_max_suppression` in eager mode and while tracing; the ONNX operator in exported graphs."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, boxes: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float, score_threshold: float
+    ) -> Tensor:
+        return non_max_suppression(boxes, scores, max_per_class, iou_threshold, score_threshold)
+
+    @staticmethod
+    def symbolic(
+        g: Any, boxes: Any, scores: Any, max_per_class: int, iou_threshold: float, score_threshold: float
+    ) -> Any:
+        max_out = g.op("Constant", value_t=torch.tensor([max_per_class], dtype=torch.int64))
+        iou = g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32))
+        score = g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32))
+        return g.op("NonMaxSuppression", boxes, scores, max_out, iou, score, center_point_box_i=0)
+
+
+def _anchors_in_graph(generator: SSDAnchors, feats: list[Tensor]) -> Tensor:
+    """``generator``'s anchors ``[N, 4]`` for the sizes of ``feats``, from tensor ops on those sizes.
+
+    The same values as ``generator(grid_sizes)`` (within float32 rounding), but traced exporters record
+    the size arithmetic, so an ONNX graph with symbolic H and W computes the anchors of each input.
+    """
+    levels = []
+    for f, wh in zip(feats, generator._wh, strict=True):
+        h, w = f.shape[-2], f.shape[-1]
+        cy = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+        cx = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+        grid_y, grid_x = torch.meshgrid(cy, cx, indexing="ij")
+        centres = torch.stack([grid_x, grid_y], -1).reshape(-1, 1, 2).expand(-1, wh.shape[0], 2)
+        levels.append(torch.cat([centres, wh.float().expand_as(centres)], -1).reshape(-1, 4))
+    return torch.cat(levels).clamp(0.0, 1.0)
+
+
+class DetectionGraph(nn.Module):
+    """What an exported detector computes: ``images -> (boxes, scores)``, or ``(boxes, scores, selected)``.
+
+    ``boxes`` ``[B, N, 4]``: each anchor's decoded box, normalised ``x1, y1, x2, y2`` (``model.decode_boxes``);
+    ``scores`` ``[B, N, C]``: softmax of the class logits (class 0 = background). These rather than the raw
+    regression, logits and anchors: a runtime then needs neither the box coder nor the anchors (which
+    depend on the input size) and can threshold the scores directly. With ``postprocess``, ``selected``
+    ``[K, 3]`` (int64 rows batch, class, anchor; see :data:`SELECTED_OUTPUT`) is the official
+    post-processing of classes 1..C-1 (``model.postprocess``'s thresholds), as ONNX ``NonMaxSuppression``.
+    """
+
+    def __init__(self, model: nn.Module, postprocess: bool = False):
+        super().__init__()
+        if not all(hasattr(model, a) for a in ("forward_features", "heads", "anchor_generator", "forward_raw")):
+            raise ExportError(
+                f"detector export takes mobilevit's SSDLite detectors (or their deploy() form), not {type(model).__name__}"
+            )
+        self.model = model
+        self.config = model.config
+        self.weights_meta = dict(getattr(model, "weights_meta", None) or {})
+        self.postprocess = postprocess
+        self.output_names: tuple[str, ...] = ("boxes", "scores", "selected") if postprocess else ("boxes", "scores")
+        self.train(False)  # exporters restore the wrapper's mode to every submodule afterwards: keep it eval
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        m, c = self.model, self.config
+        feats = m.forward_features(images)
+        outs = [head(f) for head, f in zip(m.heads, feats, strict=True)]
+        regression, logits = torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
+        anchors = _anchors_in_graph(m.anchor_generator, feats)
+        boxes = center_to_corner(decode(regression, anchors, c.center_variance, c.size_variance))
+        scores = logits.softmax(-1)
+        if not self.postprocess:
+            return boxes, scores
+        return boxes, scores, self._select(boxes, scores, _NonMaxSuppression.apply)
+
+    def _select(self, boxes: Tensor, scores: Tensor, nms: Callable[..., Tensor]) -> Tensor:
+        c = self.config
+        selected = nms(boxes, scores[..., 1:].transpose(1, 2), c.topk_per_class, c.nms_iou, c.score_thresh)
+        return selected + torch.tensor([0, 1, 0], dtype=torch.int64)  # classes 1..C-1: skip the background
+
+    @torch.no_grad()
+    def reference(self, images: Tensor) -> tuple[Tensor, ...]:
+        """The outputs from the model's own ``forward_raw`` and ``decode_boxes`` (what files are checked against)."""
+        raw = self.model.forward_raw(images)
+        boxes, scores = self.model.decode_boxes(raw), raw.class_logits.float().softmax(-1)
+        return (
+            (boxes, scores, self._select(boxes, scores, non_max_suppression)) if self.postprocess else (boxes, scores)
+        )
+
+    def mismatch(self, got: list[Tensor], expected: tuple[Tensor, ...]) -> str | None:
+        """Why a runtime's outputs ``got`` differ from :meth:`reference`'s, or None.
+
+        ``boxes`` and ``scores`` within :data:`PARITY_TOL`; ``selected`` must be exactly what PyTorch's
+        post-processing selects from the runtime's own ``boxes`` and ``scores`` (so that scores within
+        rounding of the threshold cannot make it differ).
+        """
+        if len(got) != len(expected):
+            return f"{len(got)} outputs instead of {len(expected)}"
+        for name, a, b in zip(self.output_names[:2], got, expected, strict=False):
+            if not _close(a, b, PARITY_TOL):
+                return f"{name}: {_difference(a, b)}"
+        if self.postprocess:
+            wanted = self._select(got[0], got[1], non_max_suppression)
+            rows, wanted_rows = (set(map(tuple, t.tolist())) for t in (got[2], wanted))
+            if got[2].shape[-1:] != (3,) or len(rows) != len(got[2]) or rows != wanted_rows:
+                return (
+                    f"selected: {len(rows ^ wanted_rows)} of {len(wanted_rows)} detections differ from PyTorch's "
+                    "post-processing of the same boxes and scores"
+                )
+        return None
+
+
+def onnx_detections(
+    boxes: Tensor | Any,
+    scores: Tensor | Any,
+    selected: Tensor | Any | None = None,
+    image_sizes: list[tuple[int, int]] | None = None,
+    *,
+    score_thresh: float = 0.05,
+    nms_iou: float = 0.5,
+    topk_per_class: int = 200,
+) -> list[dict[str, Tensor]]:
+    """Detections per image from an exported detector's outputs, as ``model.postprocess`` gives them.
+
+    ``boxes`` ``[B, N, 4]`` and ``scores`` ``[B, N, C]`` (tensors or NumPy arrays), and ``selected``
+    ``[K, 3]`` from a file exported with ``postprocess=True``; without it, the official post-processing
+    is run here with ``score_thresh``, ``nms_iou`` and ``topk_per_class``. Each image gets ``{"boxes",
+    "scores", "labels"}`` in class order, by decreasing score within a class; boxes are normalised
+    (unclipped) without ``image_sizes``, else in pixels of each ``(h, w)`` and clipped to the image.
+    """
+    boxes, scores = torch.as_tensor(boxes).float(), torch.as_tensor(scores).float()
+    if selected is None:
+        nms_scores = scores[..., 1:].transpose(1, 2)
+        selected = non_max_suppression(boxes, nms_scores, topk_per_class, nms_iou, score_thresh)
+        selected = selected + torch.tensor([0, 1, 0])
+    selected = torch.as_tensor(selected).long().reshape(-1, 3)
+    if image_sizes is not None and len(image_sizes) != len(boxes):
+        raise ValueError(f"got {len(image_sizes)} image sizes for a batch of {len(boxes)}")
+    results = []
+    for b in range(len(boxes)):
+        _, cls, idx = selected[selected[:, 0] == b].unbind(1)
+        found = scores[b, idx, cls]
+        order = torch.sort(found, descending=True, stable=True).indices
+        order = order[torch.sort(cls[order], stable=True).indices]
+        out_boxes, cls, idx = boxes[b, idx[order]], cls[order], idx[order]
+        if image_sizes is not None:
+            h, w = image_sizes[b]
+            scale = out_boxes.new_tensor([w, h, w, h])
+            out_boxes = torch.min((out_boxes * scale).clamp(min=0), scale)
+        results.append({"boxes": out_boxes, "scores": found[order], "labels": cls})
+    return results
+
+
+def _detection_axes(model: DetectionGraph, dynamic: bool, dynamic_size: bool) -> dict[str, dict[int, str]]:
+    """Symbolic axes of a detector's input and outputs for the TorchScript-based exporter."""
+    image = ({0: "batch"} if dynamic else {}) | ({2: "height", 3: "width"} if dynamic_size else {})
+    per_anchor = ({0: "batch"} if dynamic else {}) | ({1: "anchors"} if dynamic_size else {})
+    axes = {"images": image, "boxes": per_anchor, "scores": per_anchor, "selected": {0: "detections"}}
+    return {k: v for k, v in axes.items() if v and (k == "images" or k in model.output_names)}
+
+
+def _set_detection_dims(proto: Any, model: DetectionGraph, example: Tensor, dynamic: bool, dynamic_size: bool) -> None:
+    """Give the outputs' axes their sizes or names (the tracer names some after the ops that made them)."""
+    boxes, scores = model(example)[:2]
+    batch: int | str = "batch" if dynamic else boxes.shape[0]
+    anchors: int | str = "anchors" if dynamic_size else boxes.shape[1]
+    dims: dict[str, list[int | str]] = {
+        "boxes": [batch, anchors, 4],
+        "scores": [batch, anchors, scores.shape[2]],
+        "selected": ["detections", 3],
+    }
+    for output in proto.graph.output:
+        shape = output.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims[output.name]:
+            if isinstance(d, str):
+                shape.dim.add().dim_param = d
+            else:
+                shape.dim.add().dim_value = d
+
+
 # ----------------------------------------------------------------------------------- TorchScript
 
 
@@ -280,7 +554,7 @@ def export_torchscript(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    image_size: tuple[int, int] = (256, 256),
+    image_size: tuple[int, int] | None = None,
     dynamic: bool = False,
     batch_size: int = 1,
     dynamic_size: bool = False,
@@ -292,24 +566,28 @@ def export_torchscript(
     The module is frozen with ``torch.jit.freeze`` (BatchNorm folded, constants inlined) when its
     outputs stay within :data:`PARITY_TOL` of the model's, else saved unfrozen. The task, input and
     output conventions, class names and preprocessing are stored as the extra file ``mobilevit.json``.
+    A detector's module returns ``(boxes, scores)`` as its ONNX file does (see :class:`DetectionGraph`).
     """
+    image_size = _default_size(model, image_size)
     path = _check_args("torchscript", path, image_size, batch_size, dynamic_size)
     model = _prepare(model)
+    if _task(model) == "detection":
+        model = DetectionGraph(model)
     example = _example(model, image_size, batch_size)
     check = _example(model, image_size, batch_size + 1 if dynamic else batch_size, seed=1)
     with _converting("TorchScript"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings: H and W are fixed on purpose
         traced = torch.jit.trace(model, example, check_trace=False)
-        expected = model(check)
-        got = traced(check)
-        if not _close(got, expected, PARITY_TOL):
+        expected = _outputs(model, check)
+        problem = _mismatch(traced(check), expected)
+        if problem:
             raise ExportError(
-                f"TorchScript export failed: the traced module does not reproduce the model ({_difference(got, expected)})"
+                f"TorchScript export failed: the traced module does not reproduce the model ({problem})"
                 + (" at another batch size (the trace fixed the batch); use dynamic=False" if dynamic else "")
             )
         try:
             frozen = torch.jit.freeze(traced)
-            if _close(frozen(check), expected, PARITY_TOL):
+            if _mismatch(frozen(check), expected) is None:
                 traced = frozen
             else:
                 log.info("torch.jit.freeze changed the outputs by more than %g; saving the unfrozen module", PARITY_TOL)
@@ -328,7 +606,7 @@ def export_coreml(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    image_size: tuple[int, int] = (256, 256),
+    image_size: tuple[int, int] | None = None,
     dynamic: bool = False,
     batch_size: int = 1,
     dynamic_size: bool = False,
@@ -342,8 +620,11 @@ def export_coreml(
     PyTorch's (the Neural Engine needs float16: convert with ``compute_precision=FLOAT16`` yourself
     to use it). Core ML image inputs carry one image (the image type has no batch axis; apps batch
     with ``MLModel.predictions(fromBatch:)``), so ``dynamic`` and ``batch_size > 1`` are refused.
-    Core ML runs predictions only on Apple platforms; the conversion itself works anywhere.
+    Core ML runs predictions only on Apple platforms; the conversion itself works anywhere. A detector
+    has the outputs ``"boxes"`` ``[1, anchors, 4]`` and ``"scores"`` ``[1, anchors, num_classes]`` of
+    :class:`DetectionGraph` (no post-processing in the program).
     """
+    image_size = _default_size(model, image_size)
     path = _check_args("coreml", path, image_size, batch_size, dynamic_size)
     if dynamic or batch_size != 1:
         raise ExportError(
@@ -352,6 +633,9 @@ def export_coreml(
         )
     ct = _require("coremltools", "Core ML export")
     model = _prepare(model)
+    if _task(model) == "detection":
+        model = DetectionGraph(model)
+    names = model.output_names if isinstance(model, DetectionGraph) else ("logits",)
     example = _example(model, image_size, 1)
     if example.shape[1] != 3:
         raise ExportError(f"Core ML export takes RGB models (3 input channels), this one has {example.shape[1]}")
@@ -370,7 +654,7 @@ def export_coreml(
                     color_layout=ct.colorlayout.RGB,
                 )
             ],
-            outputs=[ct.TensorType(name="logits")],
+            outputs=[ct.TensorType(name=name) for name in names],
             convert_to="mlprogram",
             minimum_deployment_target=ct.target.iOS15,
             compute_precision=ct.precision.FLOAT32,
@@ -380,12 +664,19 @@ def export_coreml(
         mlmodel.short_description = {
             "classification": "MobileViT image classifier",
             "segmentation": "DeepLabv3-MobileViT semantic segmentation",
+            "detection": "SSDLite-MobileViT object detection (raw outputs, no post-processing)",
         }.get(task, f"MobileViT {task} model")
         mlmodel.input_description["image"] = f"RGB image, {w}x{h} pixels (scaled to [0, 1] inside the model)"
-        mlmodel.output_description["logits"] = {
-            "classification": "class logits [1, num_classes] (apply softmax for probabilities)",
-            "segmentation": f"per-pixel class logits [1, num_classes, {h}, {w}] (argmax over axis 1 gives the mask)",
-        }.get(task, OUTPUTS.get(task, "outputs"))
+        if task == "detection":
+            mlmodel.output_description["boxes"] = "every anchor's box [1, anchors, 4]: x1, y1, x2, y2 in [0, 1] units"
+            mlmodel.output_description["scores"] = (
+                "softmax class probabilities [1, anchors, num_classes], 0 = background"
+            )
+        else:
+            mlmodel.output_description["logits"] = {
+                "classification": "class logits [1, num_classes] (apply softmax for probabilities)",
+                "segmentation": f"per-pixel class logits [1, num_classes, {h}, {w}] (argmax over axis 1: the mask)",
+            }.get(task, OUTPUTS.get(task, "outputs"))
         mlmodel.user_defined_metadata.update(_metadata(model, image_size, False))
         with _atomic_dir(path) as tmp:
             mlmodel.save(str(tmp))
@@ -399,7 +690,7 @@ def export_executorch(
     model: nn.Module,
     path: str | os.PathLike,
     *,
-    image_size: tuple[int, int] = (256, 256),
+    image_size: tuple[int, int] | None = None,
     dynamic: bool = False,
     batch_size: int = 1,
     dynamic_size: bool = False,
@@ -411,8 +702,10 @@ def export_executorch(
     Attention is rewritten into batched matmuls and ``unbind`` into slices before lowering, so that
     XNNPACK takes the whole transformer except its LayerNorms (which XNNPACK lacks). H and W are fixed
     (``dynamic_size=True`` is refused). The program carries no metadata. Run the file with
-    :func:`run_executorch`, or with the ExecuTorch runtime on device.
+    :func:`run_executorch`, or with the ExecuTorch runtime on device. A detector's program returns
+    ``(boxes, scores)`` as its ONNX file does (see :class:`DetectionGraph`).
     """
+    image_size = _default_size(model, image_size)
     path = _check_args("executorch", path, image_size, batch_size, dynamic_size)
     if dynamic and batch_size < 2:
         raise ExportError(
@@ -422,6 +715,8 @@ def export_executorch(
     exir = _require("executorch.exir", "ExecuTorch export")
     xnnpack = _require("executorch.backends.xnnpack.partition.xnnpack_partitioner", "ExecuTorch export")
     model = _prepare(model)
+    if _task(model) == "detection":
+        model = DetectionGraph(model)
     example = _example(model, image_size, 2 if dynamic else batch_size)  # 1 would specialise the batch
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=batch_size)},) if dynamic else None
     with _converting("ExecuTorch"), warnings.catch_warnings():
@@ -442,8 +737,11 @@ def export_executorch(
     return path
 
 
-def run_executorch(path: str | os.PathLike, images: Tensor) -> Tensor:
-    """Logits of an exported ``.pte`` file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with the ExecuTorch runtime."""
+def run_executorch(path: str | os.PathLike, images: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Outputs of an exported ``.pte`` file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with the ExecuTorch runtime.
+
+    The logits; a detector's ``(boxes, scores)``.
+    """
     method = _executorch_method(*_file_key(path))
     x = _as_input(images)
     try:
@@ -453,7 +751,8 @@ def run_executorch(path: str | os.PathLike, images: Tensor) -> Tensor:
         raise ValueError(
             f"{path}: takes images shaped {expected} (with a dynamic batch, up to that batch), got {list(x.shape)}"
         ) from exc
-    return outputs[0].clone()  # outputs live in the program's planned memory, reused by the next call
+    # outputs live in the program's planned memory, reused by the next call
+    return outputs[0].clone() if len(outputs) == 1 else tuple(o.clone() for o in outputs)
 
 
 @functools.lru_cache(maxsize=4)
@@ -574,7 +873,7 @@ def _prepare(model: nn.Module, size_agnostic: bool = False) -> nn.Module:
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     if size_agnostic:
-        if isinstance(model, (MobileViT, MobileViTDeepLabV3)):
+        if isinstance(model, (MobileViT, MobileViTDeepLabV3, MobileViTSSDLite)):
             model = deploy(model, channels_last=False)
         fuse.size_agnostic(model)
     model.to(memory_format=torch.contiguous_format)
@@ -590,8 +889,22 @@ def _in_chans(model: nn.Module) -> int:
 
 
 def _task(model: nn.Module) -> str:
-    """``"classification"`` or ``"segmentation"`` (from the model's config)."""
+    """``"classification"``, ``"segmentation"`` or ``"detection"`` (from the model's config)."""
     return getattr(getattr(model, "config", None), "task", "classification")
+
+
+def _default_size(model: nn.Module, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """``image_size``, or the task's default (:data:`DEFAULT_SIZES`) when it is None."""
+    return DEFAULT_SIZES.get(_task(model), (256, 256)) if image_size is None else image_size
+
+
+def _output_doc(model: nn.Module) -> str:
+    """What the exported file outputs (:data:`OUTPUTS`; a detector's ``selected`` too when it has one)."""
+    doc = OUTPUTS.get(_task(model), "outputs of the model's forward")
+    if isinstance(model, DetectionGraph) and model.postprocess:
+        c = model.config
+        doc += "; " + SELECTED_OUTPUT.format(score_thresh=c.score_thresh, nms_iou=c.nms_iou, topk=c.topk_per_class)
+    return doc
 
 
 def _example(model: nn.Module, image_size: tuple[int, int], batch: int, seed: int = 0) -> Tensor:
@@ -606,8 +919,9 @@ def _other_size(image_size: tuple[int, int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, x: Tensor) -> Tensor:
-    return model(x)
+def _outputs(model: nn.Module, x: Tensor) -> Any:
+    """What an exported file must reproduce: the model's output (a detector's :meth:`DetectionGraph.reference`)."""
+    return model.reference(x) if isinstance(model, DetectionGraph) else model(x)
 
 
 def _metadata(model: nn.Module, image_size: tuple[int, int], dynamic_size: bool) -> dict[str, str]:
@@ -620,9 +934,15 @@ def _metadata(model: nn.Module, image_size: tuple[int, int], dynamic_size: bool)
     meta = {
         "task": task,
         "input": INPUT_CONVENTION,
-        "output": OUTPUTS.get(task, "outputs of the model's forward"),
+        "output": _output_doc(model),
         "image_size": "dynamic" if dynamic_size else f"{image_size[0]}x{image_size[1]}",
     }
+    if isinstance(model, DetectionGraph):
+        c = model.config
+        meta["outputs"] = ",".join(model.output_names)
+        meta["postprocess"] = json.dumps(
+            {"score_thresh": c.score_thresh, "nms_iou": c.nms_iou, "topk_per_class": c.topk_per_class}
+        )
     weights_meta = getattr(model, "weights_meta", None) or {}
     categories = list(weights_meta.get("categories") or [])
     if categories:
@@ -647,7 +967,20 @@ def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
 
 def _close(a: Tensor, b: Tensor, tol: float) -> bool:
     """Same shape, and ``|a - b| <= tol * max(1, max |b|)`` everywhere."""
-    return a.shape == b.shape and bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+    if a.shape != b.shape:
+        return False
+    return a.numel() == 0 or bool((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()))
+
+
+def _mismatch(got: Tensor | tuple[Tensor, ...], expected: Tensor | tuple[Tensor, ...]) -> str | None:
+    """Why ``got`` (a tensor or a tuple of them) differs from ``expected`` beyond :data:`PARITY_TOL`, or None."""
+    pairs = list(zip(got, expected, strict=False)) if isinstance(expected, tuple) else [(got, expected)]
+    if isinstance(expected, tuple) and (not isinstance(got, tuple) or len(got) != len(expected)):
+        return f"{len(got) if isinstance(got, tuple) else 1} outputs instead of {len(expected)}"
+    for i, (a, b) in enumerate(pairs):
+        if not _close(a, b, PARITY_TOL):
+            return (f"output {i}: " if len(pairs) > 1 else "") + _difference(a, b)
+    return None
 
 
 def _difference(a: Tensor, b: Tensor) -> str:
@@ -706,12 +1039,15 @@ __all__ = [
     "OUTPUTS",
     "PARITY_TOL",
     "SUFFIXES",
+    "DetectionGraph",
     "ExportError",
     "export_coreml",
     "export_executorch",
     "export_model",
     "export_onnx",
     "export_torchscript",
+    "non_max_suppression",
+    "onnx_detections",
     "run_executorch",
     "run_onnx",
 ]

@@ -16,6 +16,11 @@
 treatment, the ASPP and classifier convolutions their BatchNorm folded (and ReLU fused on CPU), the pooling
 branch is broadcast instead of upsampled from 1x1 (the same values).
 
+It also takes a :class:`~mobilevit.models.ssdlite.MobileViTSSDLite` detector: the backbone as above, BatchNorm
+folded into the depthwise and pointwise convolutions of the extra layers and of every head (the projections
+too; ReLU fused on CPU). The inference form keeps ``forward_raw``, ``decode_boxes``, ``postprocess`` and the
+eval ``forward`` (detections in pixels).
+
 The result holds only inference layers (no BatchNorm statistics): train and fine-tune the original model.
 """
 
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 from ..models.backbone import MobileViT, _check_input
 from ..models.deeplabv3 import ASPP, ConvBNReLU, DeepLabV3Config, MobileViTDeepLabV3
 from ..models.layers import Attention, ConvNormAct, InvertedResidual, Mlp, MobileViTBlock
+from ..models.ssdlite import ConvBN, MobileViTSSDLite, SSDLiteConfig, SSDOutput
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -81,10 +87,11 @@ class FusedConv(nn.Module):
     """Conv2d with folded BatchNorm, then its SiLU or ReLU (if the block had one), as one oneDNN kernel in eager CPU.
 
     ``block`` is a conv -> BatchNorm -> activation sequence with ``conv``, ``bn`` and ``act`` children
-    (:class:`~mobilevit.models.layers.ConvNormAct`, the segmentation head's ``ConvBNReLU``).
+    (:class:`~mobilevit.models.layers.ConvNormAct`, the segmentation head's ``ConvBNReLU``, the detection
+    head's ``ConvBN``).
     """
 
-    def __init__(self, block: ConvNormAct | ConvBNReLU):
+    def __init__(self, block: ConvNormAct | ConvBNReLU | ConvBN):
         super().__init__()
         self.conv = fold_batchnorm(block.conv, block.bn)
         kind = type(block.act)
@@ -219,7 +226,7 @@ class FusedASPP(nn.Module):
 
 
 def _convert(module: nn.Module) -> nn.Module:
-    if isinstance(module, (ConvNormAct, ConvBNReLU)):
+    if isinstance(module, (ConvNormAct, ConvBNReLU, ConvBN)):
         return FusedConv(module)
     if isinstance(module, ASPP):
         return FusedASPP(module)
@@ -261,6 +268,18 @@ class DeployedMobileViT(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.final_conv(self.stages(self.stem(x)))
+
+    def forward_intermediates(self, x: Tensor, out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[Tensor]:
+        """Outputs of the stages in ``out_indices`` (0..4, strides 2..32), as the training form's."""
+        _check_input(x, self.config.in_chans)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats, x = [], self.stem(x)
+        for i, stage in enumerate(self.stages[: max(out_indices) + 1]):
+            x = stage(x)
+            if i in out_indices:
+                feats.append(x)
+        return feats
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.mean((2, 3))
@@ -304,10 +323,56 @@ class DeployedDeepLabV3(nn.Module):
         return F.interpolate(self.forward_logits(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class DeployedSSDLite(nn.Module):
+    """Inference form of a :class:`~mobilevit.models.ssdlite.MobileViTSSDLite` detector (see :func:`deploy`).
+
+    Same raw outputs (:meth:`forward_raw`), box decoding, post-processing and eval ``forward``
+    (detections in pixels); no training loss.
+    """
+
+    def __init__(self, model: MobileViTSSDLite, channels_last: bool = True):
+        super().__init__()
+        self.config: SSDLiteConfig = model.config
+        self.weights_meta = dict(model.weights_meta)
+        self.channels_last = channels_last
+        self.backbone = DeployedMobileViT(model.backbone, channels_last)
+        self.anchor_generator = model.anchor_generator
+        self.extra = _convert(model.extra)
+        self.heads = _convert(model.heads)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """The six levels' feature maps (strides 16, 32, 64, 128, 256 and global)."""
+        feats = self.backbone.forward_intermediates(x, (3, 4))
+        for layer in self.extra:
+            feats.append(layer(feats[-1]))
+        return feats
+
+    def forward_raw(self, x: Tensor) -> SSDOutput:
+        """Raw outputs in the official order (levels, rows, columns, anchors) and their anchors."""
+        feats = self.forward_features(x)
+        outs = [head(f) for head, f in zip(self.heads, feats, strict=True)]
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats]).to(x.device)
+        return SSDOutput(torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1), anchors)
+
+    decode_boxes = MobileViTSSDLite.decode_boxes
+    postprocess = MobileViTSSDLite.postprocess
+
+    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
+        """Detections in pixels of ``images``, as the training form's eval ``forward``."""
+        raw = self.forward_raw(images)
+        size = (images.shape[-2], images.shape[-1])
+        return self.postprocess(raw, image_sizes=[size] * images.shape[0])
+
+
 #: What :func:`deploy` turns each model class into.
 _DEPLOYED: dict[type[nn.Module], type[nn.Module]] = {
     MobileViT: DeployedMobileViT,
     MobileViTDeepLabV3: DeployedDeepLabV3,
+    MobileViTSSDLite: DeployedSSDLite,
 }
 
 
@@ -315,18 +380,26 @@ _DEPLOYED: dict[type[nn.Module], type[nn.Module]] = {
 def deploy(model: MobileViT, channels_last: bool = True) -> DeployedMobileViT: ...
 @overload
 def deploy(model: MobileViTDeepLabV3, channels_last: bool = True) -> DeployedDeepLabV3: ...
+@overload
+def deploy(model: MobileViTSSDLite, channels_last: bool = True) -> DeployedSSDLite: ...
 @torch.no_grad()
-def deploy(model: MobileViT | MobileViTDeepLabV3, channels_last: bool = True) -> DeployedMobileViT | DeployedDeepLabV3:
+def deploy(
+    model: MobileViT | MobileViTDeepLabV3 | MobileViTSSDLite, channels_last: bool = True
+) -> DeployedMobileViT | DeployedDeepLabV3 | DeployedSSDLite:
     """Inference form of ``model`` (a new module in eval mode; ``model`` is left untouched).
 
-    ``model`` is a :class:`~mobilevit.MobileViT` classifier or a
-    :class:`~mobilevit.models.deeplabv3.MobileViTDeepLabV3` segmentation model. Outputs equal the
-    original's within 1e-4 in fp32. With ``channels_last`` (the default) weights and activations use
-    that memory format; inputs in either format are accepted.
+    ``model`` is a :class:`~mobilevit.MobileViT` classifier, a
+    :class:`~mobilevit.models.deeplabv3.MobileViTDeepLabV3` segmentation model or a
+    :class:`~mobilevit.models.ssdlite.MobileViTSSDLite` detector. Outputs (a detector's raw outputs)
+    equal the original's within 1e-4 in fp32. With ``channels_last`` (the default) weights and
+    activations use that memory format; inputs in either format are accepted.
     """
     kind = next((d for cls, d in _DEPLOYED.items() if isinstance(model, cls)), None)
     if kind is None:
-        raise TypeError(f"deploy() expects a mobilevit.MobileViT or MobileViTDeepLabV3, got {type(model).__name__}")
+        raise TypeError(
+            "deploy() expects a mobilevit.MobileViT or MobileViTDeepLabV3 or MobileViTSSDLite, "
+            f"got {type(model).__name__}"
+        )
     fast = kind(copy.deepcopy(model).eval(), channels_last)
     if channels_last:
         fast.to(memory_format=torch.channels_last)

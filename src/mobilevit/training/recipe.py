@@ -23,11 +23,15 @@ class TrainConfig:
     """
 
     # model
-    model: str = "mobilevit_xxs"  # any create_model name; *_deeplabv3 segments; "torchvision:NAME" for peers
+    model: str = (
+        "mobilevit_xxs"  # any create_model name (*_deeplabv3, *_ssdlite: other tasks); "torchvision:NAME" peers
+    )
     weights: str | None = None  # fine-tune from any checkpoint create_model loads (new head if classes differ)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"dropout": 0.0}
     # data
-    data: str = "fashion-mnist"  # "fashion-mnist", IDX files, an ImageFolder tree; segmentation: VOC or images/+masks/
+    data: str = (
+        "fashion-mnist"  # "fashion-mnist", IDX, ImageFolder; segmentation: VOC, images/+masks/; detection: COCO, VOC
+    )
     val_fraction: float = 0.0  # > 0: hold out this share of the training images for validation
     val_split: str | None = "val"  # otherwise validate on this split of `data` (None: no validation)
     workers: int = 4
@@ -74,6 +78,13 @@ class TrainConfig:
     tensorboard: bool = True  # when the tensorboard package is installed
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # YAML reads 1e-4 (no dot) as a string: take it as the number it is
+            value = getattr(self, f.name)
+            if str(f.type).startswith("float") and isinstance(value, str):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
         self.crop_scale = tuple(self.crop_scale)  # type: ignore[assignment]
         self.crop_ratio = tuple(self.crop_ratio)  # type: ignore[assignment]
         self.resize_scale = tuple(self.resize_scale)  # type: ignore[assignment]

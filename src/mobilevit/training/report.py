@@ -1,4 +1,5 @@
-"""Training reports as PNG files: learning curves, confusion matrices, prediction grids and segmentation overlays.
+"""Training reports as PNG files: learning curves, confusion matrices, prediction grids, segmentation overlays and
+detection boxes.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global
 backend change) and written atomically.
@@ -17,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
 
 from ..checkpoints.io import atomic_path
 from ..data.segmentation import IGNORE_INDEX, voc_colormap
@@ -25,6 +27,12 @@ from ..data.segmentation import IGNORE_INDEX, voc_colormap
 LOSS_CURVES = (("train_loss", "train"), ("val_loss", "val"), ("ema_val_loss", "EMA val"))
 ACCURACY_CURVES = (("train_top1", "train"), ("val_top1", "val"), ("ema_val_top1", "EMA val"))
 MIOU_CURVES = (("train_pixel_acc", "train pixel accuracy"), ("val_miou", "val mIoU"), ("ema_val_miou", "EMA val mIoU"))
+MAP_CURVES = (
+    ("val_map", "val mAP"),
+    ("val_map50", "val AP50"),
+    ("ema_val_map", "EMA val mAP"),
+    ("ema_val_map50", "EMA val AP50"),
+)
 _MAX_ANNOTATED_CLASSES = 40  # beyond this a confusion matrix has no per-cell counts or class ticks
 
 
@@ -44,14 +52,18 @@ def _to_float(text: str | None) -> float | None:
 
 
 def plot_curves(csv_path: str | os.PathLike, png_path: str | os.PathLike, title: str = "") -> Path:
-    """Plot loss and top-1 accuracy (segmentation: mIoU) in percent per epoch from a trainer ``metrics.csv``.
+    """Plot loss and top-1 accuracy (segmentation: mIoU; detection: COCO AP) in percent per epoch from ``metrics.csv``.
 
     Columns that are absent or empty are skipped; rows without ``epoch`` are numbered 1, 2, ...
     """
     rows = read_metrics(csv_path)
     fig = _figure((11, 4))
-    segmentation = any("val_miou" in row or "train_pixel_acc" in row for row in rows)
-    scores = (MIOU_CURVES, "mIoU / pixel accuracy (%)") if segmentation else (ACCURACY_CURVES, "top-1 accuracy (%)")
+    if any("val_map" in row for row in rows):
+        scores = (MAP_CURVES, "COCO AP (%)")
+    elif any("val_miou" in row or "train_pixel_acc" in row for row in rows):
+        scores = (MIOU_CURVES, "mIoU / pixel accuracy (%)")
+    else:
+        scores = (ACCURACY_CURVES, "top-1 accuracy (%)")
     panels = ((LOSS_CURVES, "loss"), scores)
     for ax, (curves, ylabel) in zip(fig.subplots(1, 2), panels, strict=True):
         drawn = False
@@ -213,6 +225,103 @@ def plot_segmentation(
     handles = [Patch(color=colors[c].tolist(), label=classes[c]) for c in sorted(shown)]
     if handles:
         fig.legend(handles=handles, loc="outside right center", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, png_path)
+
+
+def _uint8_rgb(image: Tensor) -> Tensor:
+    """``image`` ([1 or 3, H, W], float in [0, 1] or uint8) as a uint8 [3, H, W] CPU tensor."""
+    image = image.detach().cpu()
+    if image.is_floating_point():
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return image.to(torch.uint8).expand(3, -1, -1).contiguous()
+
+
+def draw_detections(
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    scores: Tensor | None = None,
+    classes: list[str] | None = None,
+    score_thresh: float = 0.3,
+    width: int = 2,
+) -> Tensor:
+    """``image`` ([3, H, W], float in [0, 1] or uint8) with ``boxes`` ([n, 4] x1, y1, x2, y2 pixels) drawn on it.
+
+    Each class has its VOC colour (:func:`label_colors`); captions read "name score" (``classes`` is indexed by
+    label, ``classes[0]`` being background; the label number without it). Boxes scoring below ``score_thresh``
+    are left out; higher scores are drawn on top. Returns a uint8 [3, H, W] tensor.
+    """
+    picture = _uint8_rgb(image)
+    boxes = torch.as_tensor(boxes).detach().float().cpu().reshape(-1, 4)
+    labels = torch.as_tensor(labels).detach().long().cpu().reshape(-1).clamp(min=0)
+    keep = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    if scores is not None:
+        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+        keep &= scores >= score_thresh
+        order = scores[keep].argsort()
+        boxes, labels, scores = boxes[keep][order], labels[keep][order], scores[keep][order]
+    else:
+        boxes, labels = boxes[keep], labels[keep]
+    if len(boxes) == 0:
+        return picture
+    palette = label_colors(int(labels.max()) + 1)
+    colors = [tuple(palette[c].tolist()) for c in labels]
+    text = ["black" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "white" for r, g, b in colors]
+    names = [classes[c] if classes is not None and c < len(classes) else str(c) for c in labels.tolist()]
+    captions = names if scores is None else [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist(), strict=True)]
+    return draw_bounding_boxes(
+        picture, boxes, labels=captions, colors=colors, width=width, label_colors=text, fill_labels=True,
+        label_background_colors=colors,
+    )  # fmt: skip
+
+
+def plot_detections(
+    images: Tensor | list[Tensor],
+    predictions: list[dict[str, Tensor]],
+    targets: list[dict[str, Tensor]] | None,
+    classes: list[str] | None,
+    png_path: str | os.PathLike,
+    title: str = "",
+    score_thresh: float = 0.3,
+    cols: int = 4,
+) -> Path:
+    """Grid of ``images`` ([N, 3, H, W] or a list of [3, H, W], in [0, 1]) with their detections.
+
+    ``predictions`` (per image ``boxes``, ``labels``, ``scores``) are drawn in class colours and captioned (see
+    :func:`draw_detections`) over the ground truth of ``targets`` (``boxes``; thin white lines) when given;
+    boxes are in the pixels of the image shown.
+    """
+    count = len(images)
+    if count == 0:
+        raise ValueError("no images to plot")
+    if len(predictions) != count or (targets is not None and len(targets) != count):
+        raise ValueError(
+            f"{count} images but {len(predictions)} predictions and {len(targets) if targets else 0} targets"
+        )
+    cols = max(1, min(cols, count))
+    rows = math.ceil(count / cols)
+    fig = _figure((3.2 * cols, 3.4 * rows))
+    axes: list[Axes] = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for i, ax in enumerate(axes):
+        ax.axis("off")
+        if i >= count:
+            continue
+        picture = _uint8_rgb(images[i])
+        heading = ""
+        if targets is not None:
+            truth = torch.as_tensor(targets[i]["boxes"]).detach().float().cpu().reshape(-1, 4)
+            truth = truth[(truth[:, 2] >= truth[:, 0]) & (truth[:, 3] >= truth[:, 1])]
+            if len(truth):
+                picture = draw_bounding_boxes(picture, truth, colors="white", width=1)
+            heading = f", {len(truth)} objects"
+        pred = predictions[i]
+        scores = pred.get("scores")
+        shown = len(pred["boxes"]) if scores is None else int((torch.as_tensor(scores) >= score_thresh).sum())
+        picture = draw_detections(picture, pred["boxes"], pred["labels"], scores, classes, score_thresh)
+        ax.imshow(picture.permute(1, 2, 0).numpy())
+        ax.set_title(f"{shown} detections{heading}", fontsize=9)
     if title:
         fig.suptitle(title)
     return _save(fig, png_path)

@@ -1,7 +1,7 @@
 """What differs between tasks in the one training loop (:mod:`mobilevit.training.trainer`).
 
-A :class:`Task` builds the datasets, computes the loss and the training accuracy of a batch, evaluates
-a model and names the metric that picks ``best.safetensors``. Everything else (DDP, AMP, EMA,
+A :class:`Task` builds the datasets, computes the loss (and the training accuracy, where it has one) of
+a batch, evaluates a model and names the metric that picks ``best.safetensors``. Everything else (DDP, AMP, EMA,
 accumulation, multi-scale batches, checkpoints, exact resume, NaN stop, unreadable-item skipping,
 logs) is the trainer's and the same for every task. The task follows from the model name.
 """
@@ -21,7 +21,7 @@ from ..data.datasets import TrainTransform, build_dataset, collate, split_holdou
 from ..data.segmentation import IGNORE_INDEX
 from ..data.transforms import EvalTransform
 from ..factory import model_task
-from .evaluate import evaluate, evaluate_segmentation
+from .evaluate import evaluate, evaluate_detection, evaluate_segmentation
 from .recipe import TrainConfig
 
 #: ``(images, targets, skipped)`` batches from a task's collate function.
@@ -40,10 +40,10 @@ class TaskData:
 
 
 class Task:
-    """Interface of a task; see :class:`ClassificationTask` and :class:`SegmentationTask`."""
+    """Interface of a task; see :class:`ClassificationTask`, :class:`SegmentationTask`, :class:`DetectionTask`."""
 
     name: str
-    train_metric: str  # metrics.csv column ``train_<train_metric>``: accuracy on the training batches
+    train_metric: str | None  # metrics.csv column ``train_<train_metric>``: accuracy on the training batches
     eval_metrics: tuple[str, ...]  # columns ``val_<m>`` (and ``ema_val_<m>``) after ``val_loss``
     score: str  # the eval metric (higher is better) that chooses best.safetensors
 
@@ -53,6 +53,14 @@ class Task:
     def loss(self, outputs: Tensor, targets: Tensor, cfg: TrainConfig) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, correct, total)`` of a batch; ``correct / total`` is the training accuracy."""
         raise NotImplementedError
+
+    def forward_loss(self, net: nn.Module, images: Tensor, targets: Any, cfg: TrainConfig) -> tuple[Tensor, ...]:
+        """The training forward pass of ``net`` (maybe DDP-wrapped) on a batch: ``(loss, correct, total)``."""
+        return self.loss(net(images), targets, cfg)
+
+    def to_device(self, targets: Any, device: torch.device) -> Any:
+        """A batch's targets on ``device``."""
+        return targets.to(device, non_blocking=True)
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device, amp: str) -> dict[str, Any]:
         """``{"loss": ..., <eval_metrics>...}`` over ``batches`` (this process's shard; totals are summed)."""
@@ -65,8 +73,9 @@ class Task:
     def metric_fields(self) -> list[str]:
         """The columns of metrics.csv."""
         val = ["loss", *self.eval_metrics]
+        train = [f"train_{self.train_metric}"] if self.train_metric else []
         return [
-            "epoch", "step", "lr", "train_loss", f"train_{self.train_metric}",
+            "epoch", "step", "lr", "train_loss", *train,
             *[f"val_{m}" for m in val], *[f"ema_val_{m}" for m in val],
             "epoch_seconds", "images_per_second", "skipped_images",
         ]  # fmt: skip
@@ -145,7 +154,53 @@ class SegmentationTask(Task):
         return torch.zeros(2, 3, size, size), torch.zeros(2, size, size, dtype=torch.long)
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (ClassificationTask(), SegmentationTask())}
+class DetectionTask(Task):
+    """Boxes: the model computes its own loss (``model(images, targets)``), COCO mAP over the validation set."""
+
+    name = "detection"
+    train_metric = None
+    eval_metrics = ("map", "map50", "map75")
+    score = "map"
+
+    def build_data(self, cfg: TrainConfig) -> TaskData:
+        from ..data.detection import DetEvalTransform, DetTrainTransform, build_detection_dataset, collate_detection
+
+        train_tf = DetTrainTransform(size=cfg.base_size, hflip=cfg.hflip)
+        eval_tf = DetEvalTransform(cfg.eval_size)
+        full = build_detection_dataset(cfg.data, "train", train_tf)
+        train_set, val_set = _split(
+            full, cfg, eval_tf, lambda: build_detection_dataset(cfg.data, cfg.val_split, eval_tf)
+        )
+        preprocess = {"size": cfg.eval_size, "interpolation": "bilinear"}
+        return TaskData(train_set, val_set, list(full.classes), collate_detection, preprocess)
+
+    def forward_loss(self, net: nn.Module, images: Tensor, targets: Any, cfg: TrainConfig) -> tuple[Tensor, ...]:
+        targets = [_without_crowds(t) for t in targets]
+        losses = net(images, targets)
+        zero = torch.zeros((), device=images.device)
+        return sum(losses.values(), zero), zero, zero
+
+    def to_device(self, targets: Any, device: torch.device) -> Any:
+        return [
+            {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
+        ]
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device, amp: str) -> dict[str, Any]:
+        result = evaluate_detection(model, batches, device, amp)
+        return {"loss": result.loss, "map": result.map, "map50": result.map50, "map75": result.map75}
+
+    def placeholder_batch(self, size: int) -> tuple[Tensor, Any]:
+        empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+        return torch.zeros(2, 3, size, size), [empty, dict(empty)]
+
+
+def _without_crowds(target: dict[str, Any]) -> dict[str, Tensor]:
+    """A training target without its crowd (COCO) / difficult (VOC) boxes: those only matter to evaluation."""
+    keep = target["iscrowd"] == 0 if "iscrowd" in target else slice(None)
+    return {"boxes": target["boxes"][keep], "labels": target["labels"][keep]}
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (ClassificationTask(), SegmentationTask(), DetectionTask())}
 
 
 def task_of(model_name: str) -> Task:

@@ -315,9 +315,10 @@ class Trainer:
         row: dict[str, Any] = {
             "epoch": run.epoch + 1, "step": run.step, "lr": lr,
             "train_loss": loss_total / max(seen_total, 1),
-            f"train_{self.task.train_metric}": 100 * correct_total / max(counted_total, 1),
             "epoch_seconds": seconds, "images_per_second": seen_now / seconds, "skipped_images": int(skipped_total),
         }  # fmt: skip
+        if self.task.train_metric:
+            row[f"train_{self.task.train_metric}"] = 100 * correct_total / max(counted_total, 1)
         if skipped_total and self.dist.is_main:
             log.warning("epoch %d: skipped %d unreadable images", run.epoch + 1, int(skipped_total))
         if run.micro < n_batches:  # stopped by max_steps inside the epoch
@@ -340,11 +341,11 @@ class Trainer:
             images, targets = self.task.placeholder_batch(self.cfg.base_size)
             scale = 0.0
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        targets = targets.to(self.device, non_blocking=True)
+        targets = self.task.to_device(targets, self.device)
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
         with sync:
             with autocast(self.device, self.amp):
-                loss, hits, counted = self.task.loss(self.net(images), targets, self.cfg)
+                loss, hits, counted = self.task.forward_loss(self.net, images, targets, self.cfg)
             # the step's one host sync, before backward: the host then queues backward and the optimizer step
             loss_value, hits_value, counted_value = torch.stack(
                 [loss.detach(), hits.to(loss.dtype), counted.to(device=loss.device, dtype=loss.dtype)]
