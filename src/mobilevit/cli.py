@@ -784,32 +784,44 @@ def load_model(weights: str, name: str | None = None) -> torch.nn.Module:
     return create_model(name or ckpt.arch or "mobilevit_s", weights=ckpt)
 
 
+#: What --data must be for each dense-prediction task.
+_DENSE_DATA = {"segmentation": "a VOC tree or an images/ + masks/ folder", "detection": "a COCO or VOC tree"}
+
+
+def _dense_eval_data(
+    args: argparse.Namespace, model: torch.nn.Module, build: Callable, transform: Callable, collate: Callable
+) -> tuple[Any, list[str], DataLoader, int]:
+    """Dataset, class names, loader and input size of a segmentation or detection evaluation."""
+    from .training.trainer import eval_batches
+
+    task = config_task(model.config)
+    if args.split == "holdout" or args.hflip or args.onnx is not None:
+        raise ValueError(f"--split holdout, --hflip and --onnx are for classifiers; {task} uses train/val/test")
+    if str(args.data).lower().replace("_", "-") == "fashion-mnist":
+        raise ValueError(
+            f"{args.weights} is a {task} model: give --data {_DENSE_DATA[task]} (e.g. the scenes of "
+            "`mobilevit data scenes`)"
+        )
+    size = args.size or eval_size(model)
+    dataset = build(args.data, args.split, transform(size))
+    classes = list(dataset.classes)
+    if len(classes) != model.num_classes:
+        raise ValueError(
+            f"{args.data} ({args.split}) has {len(classes)} classes (background included) but the model predicts "
+            f"{model.num_classes}; fine-tune it first (mobilevit train ... weights={args.weights})"
+        )
+    batches = eval_batches(len(dataset), args.batch_size or 16)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate)
+    return dataset, classes, loader, size
+
+
 def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device: torch.device) -> int:
     from .data.segmentation import SegEvalTransform, build_segmentation_dataset, collate_segmentation
     from .training.evaluate import evaluate_segmentation
     from .training.report import plot_confusion
-    from .training.trainer import eval_batches
 
-    if args.split == "holdout" or args.hflip or args.onnx is not None:
-        raise ValueError("--split holdout, --hflip and --onnx are for classifiers; segmentation uses train/val/test")
-    if str(args.data).lower().replace("_", "-") == "fashion-mnist":
-        raise ValueError(
-            f"{args.weights} is a segmentation model: give --data a VOC tree or an images/ + masks/ folder "
-            "(e.g. the scenes of `mobilevit data scenes`)"
-        )
-    size = args.size or eval_size(model)
-    dataset = build_segmentation_dataset(args.data, args.split, SegEvalTransform(size))
-    classes = list(dataset.classes)
-    if len(classes) != model.num_classes:
-        raise ValueError(
-            f"{args.data} ({args.split}) has {len(classes)} classes but the model predicts {model.num_classes}; "
-            f"fine-tune it first (mobilevit train ... weights={args.weights})"
-        )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=eval_batches(len(dataset), args.batch_size or 16),
-        num_workers=args.num_workers,
-        collate_fn=collate_segmentation,
+    dataset, classes, loader, size = _dense_eval_data(
+        args, model, build_segmentation_dataset, SegEvalTransform, collate_segmentation
     )
     result = evaluate_segmentation(model, loader, device, args.amp, progress=sys.stderr.isatty())
     name = getattr(model.config, "name", None) or arch_name(model)
@@ -840,23 +852,11 @@ def _eval_detection(args: argparse.Namespace, model: torch.nn.Module, device: to
     from .data.detection import DetEvalTransform, build_detection_dataset, collate_detection
     from .training.evaluate import evaluate_detection
     from .training.report import plot_detections
-    from .training.trainer import eval_batches
 
-    if args.split == "holdout" or args.hflip or args.onnx is not None or args.confusion is not None:
-        raise ValueError("--split holdout, --hflip, --onnx and --confusion are for classifiers")
-    size = args.size or eval_size(model)
-    dataset = build_detection_dataset(args.data, args.split, DetEvalTransform(size))
-    classes = list(dataset.classes)
-    if len(classes) != model.num_classes:
-        raise ValueError(
-            f"{args.data} ({args.split}) has {len(classes)} classes (background included) but the model predicts "
-            f"{model.num_classes}; fine-tune it first (mobilevit train ... weights={args.weights})"
-        )
-    loader = DataLoader(
-        dataset,
-        batch_sampler=eval_batches(len(dataset), args.batch_size or 16),
-        num_workers=args.num_workers,
-        collate_fn=collate_detection,
+    if args.confusion is not None:
+        raise ValueError("--confusion is for classifiers and segmentation models")
+    dataset, classes, loader, size = _dense_eval_data(
+        args, model, build_detection_dataset, DetEvalTransform, collate_detection
     )
     result = evaluate_detection(model, loader, device, args.amp)
     name = getattr(model.config, "name", None) or arch_name(model)

@@ -91,3 +91,51 @@ VARIANTS: dict[str, MobileViTConfig] = {
         last_channels=640,
     ),
 }
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+class TaskConfig:
+    """What the config of a dense-prediction model (a head on a MobileViT ``backbone``) shares.
+
+    Subclasses are frozen dataclasses with a ``backbone`` field, the head's own fields and a ``task``.
+    """
+
+    backbone: MobileViTConfig
+    task: str
+
+    @property
+    def patch_sizes(self) -> tuple[int, int, int]:
+        return self.backbone.patch_sizes
+
+    @property
+    def in_chans(self) -> int:
+        return self.backbone.in_chans
+
+    def _own_fields(self) -> list[str]:
+        """The head's fields, in declaration order."""
+        return [f.name for f in dataclasses.fields(self) if f.init and f.name != "backbone"]  # type: ignore[arg-type]
+
+    def replace(self, **overrides: Any) -> Any:
+        """Copy with some fields changed; backbone fields (``patch_sizes``, ``dropout``, ...) are accepted too."""
+        own = self._own_fields()
+        backbone = {k: v for k, v in overrides.items() if k not in own and k != "backbone"}
+        mine = {k: v for k, v in overrides.items() if k in own or k == "backbone"}
+        new = dataclasses.replace(self, **mine)  # type: ignore[type-var]
+        return dataclasses.replace(new, backbone=new.backbone.replace(**backbone)) if backbone else new
+
+    def to_dict(self) -> dict[str, Any]:
+        own = {name: _lists(getattr(self, name)) for name in self._own_fields()}
+        return {"task": self.task, "backbone": self.backbone.to_dict(), **own}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "backbone"}  # type: ignore[arg-type]
+        own = {k: _tuples(v) for k, v in d.items() if k in names}
+        return cls(backbone=MobileViTConfig.from_dict(d["backbone"]), **own)

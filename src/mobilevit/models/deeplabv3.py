@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,11 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import MobileViT, _check_input
-from .config import VARIANTS, MobileViTConfig
+from .config import VARIANTS, MobileViTConfig, TaskConfig
 
 
 @dataclass(frozen=True)
-class DeepLabV3Config:
+class DeepLabV3Config(TaskConfig):
     """A DeepLabv3 head (ASPP) on a MobileViT backbone.
 
     The backbone has no classifier and no final 1x1 expansion; ``backbone.output_stride`` is 16
@@ -39,33 +38,6 @@ class DeepLabV3Config:
             raise ValueError(f"a segmentation model needs num_classes >= 1, got {self.num_classes}")
         if self.backbone.num_classes or self.backbone.last_channels:
             object.__setattr__(self, "backbone", self.backbone.replace(num_classes=0, last_channels=0))
-
-    @property
-    def patch_sizes(self) -> tuple[int, int, int]:
-        return self.backbone.patch_sizes
-
-    @property
-    def in_chans(self) -> int:
-        return self.backbone.in_chans
-
-    def replace(self, **overrides: Any) -> DeepLabV3Config:
-        """Copy with some fields changed; backbone fields (``patch_sizes``, ``output_stride``, ...) are accepted too."""
-        own = {f.name for f in dataclasses.fields(self) if f.init and f.name != "backbone"}
-        backbone = {k: v for k, v in overrides.items() if k not in own and k != "backbone"}
-        mine = {k: v for k, v in overrides.items() if k in own or k == "backbone"}
-        new = dataclasses.replace(self, **mine)
-        return dataclasses.replace(new, backbone=new.backbone.replace(**backbone)) if backbone else new
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name != "backbone"}
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-        return {"task": self.task, "backbone": self.backbone.to_dict(), **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DeepLabV3Config:
-        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "backbone"}
-        own = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-        return cls(backbone=MobileViTConfig.from_dict(d["backbone"]), **own)
 
 
 def _deeplabv3(arch: str) -> DeepLabV3Config:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -13,7 +12,7 @@ from torchvision.ops import batched_nms
 
 from .anchors import SSDAnchors, center_to_corner, corner_to_center, decode, encode, match
 from .backbone import MobileViT, _check_input
-from .config import VARIANTS, MobileViTConfig
+from .config import VARIANTS, MobileViTConfig, TaskConfig
 
 
 class SSDOutput(NamedTuple):
@@ -25,7 +24,7 @@ class SSDOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class SSDLiteConfig:
+class SSDLiteConfig(TaskConfig):
     """An SSDLite detector on a MobileViT backbone (no classifier, no final 1x1 expansion, stride 32).
 
     Levels: the backbone's stride-16 and stride-32 features, three extra separable stride-2 layers
@@ -60,38 +59,9 @@ class SSDLiteConfig:
             )
 
     @property
-    def patch_sizes(self) -> tuple[int, int, int]:
-        return self.backbone.patch_sizes
-
-    @property
-    def in_chans(self) -> int:
-        return self.backbone.in_chans
-
-    @property
     def anchor_counts(self) -> list[int]:
         """Anchors per cell at each level: two squares, then two per aspect ratio."""
         return [2 + 2 * len(set(r)) for r in self.aspect_ratios]
-
-    def replace(self, **overrides: Any) -> SSDLiteConfig:
-        """Copy with some fields changed; backbone fields (``patch_sizes``, ``dropout``, ...) are accepted too."""
-        own = {f.name for f in dataclasses.fields(self) if f.init and f.name != "backbone"}
-        backbone = {k: v for k, v in overrides.items() if k not in own and k != "backbone"}
-        mine = {k: v for k, v in overrides.items() if k in own or k == "backbone"}
-        new = dataclasses.replace(self, **mine)
-        return dataclasses.replace(new, backbone=new.backbone.replace(**backbone)) if backbone else new
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init and f.name != "backbone"}
-        d = {
-            k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v for k, v in d.items()
-        }
-        return {"task": self.task, "backbone": self.backbone.to_dict(), **d}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SSDLiteConfig:
-        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "backbone"}
-        own = {k: v for k, v in d.items() if k in names}
-        return cls(backbone=MobileViTConfig.from_dict(d["backbone"]), **own)
 
 
 #: The official SSDLite-MobileViT models (COCO: 80 classes + background).
