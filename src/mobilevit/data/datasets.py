@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -235,8 +235,41 @@ def _random_box(
 # ------------------------------------------------------------------------------------------ datasets
 
 
-class ImageDataset(Dataset):
-    """Base of the datasets: subset selection, sampler keys, transform calls and unreadable-image skipping.
+class SampleView(Dataset):
+    """A view of a dataset's samples: the positions ``indices`` in its full list, a transform, subsets that
+    share the list (nothing is read or scanned again) and a warning once per sample that cannot be used.
+
+    The base of every dataset here: classification, segmentation and detection.
+    """
+
+    def __init__(self, num_samples: int, transform: Any):
+        self.indices = np.arange(num_samples)
+        self.transform = transform
+        self._warned: set[int] = set()
+
+    def subset(self, indices: Sequence[int], transform: Any = None) -> Self:
+        """The samples at ``indices`` (positions in this dataset), read with ``transform`` (default: this one's)."""
+        picked = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if picked.size and not (picked.min() >= 0 and picked.max() < len(self)):
+            raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
+        part = copy.copy(self)
+        part.indices = self.indices[picked]
+        part.transform = transform or self.transform
+        part._warned = set()
+        return part
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _skip(self, source: int, what: str, name: str, error: Exception) -> None:
+        """Log once that sample ``source`` (of the full list) is skipped and why."""
+        if source not in self._warned:
+            self._warned.add(source)
+            logger.warning("skipping %s %s: %s", what, name, str(error) or type(error).__name__)
+
+
+class ImageDataset(SampleView):
+    """Base of the classification datasets: labels, transform calls and unreadable-image skipping.
 
     Subclasses set ``classes`` and implement ``_load`` and ``_describe`` on indices of the full dataset
     (and ``_pixels`` where a faster, equivalent input for the transform exists).
@@ -245,28 +278,13 @@ class ImageDataset(Dataset):
     classes: list[str]
 
     def __init__(self, labels: Sequence[int] | np.ndarray, transform: Transform | None):
-        self.indices = np.arange(len(labels))
+        super().__init__(len(labels), transform or to_tensor)
         self.targets: list[int] = np.asarray(labels).tolist()
-        self.transform = transform or to_tensor
-        self._warned: set[int] = set()
 
     def subset(self, indices: Sequence[int], transform: Transform | None = None) -> Self:
-        """The samples at ``indices`` (positions in this dataset), read with ``transform`` (default: this one's).
-
-        Shares the decoded data or file list with this dataset: nothing is read or scanned again.
-        """
-        picked = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if picked.size and not (picked.min() >= 0 and picked.max() < len(self)):
-            raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
-        part = copy.copy(self)
-        part.indices = self.indices[picked]
-        part.targets = [self.targets[i] for i in picked.tolist()]
-        part.transform = transform or self.transform
-        part._warned = set()
+        part = super().subset(indices, transform)
+        part.targets = [self.targets[i] for i in np.asarray(indices, dtype=np.int64).reshape(-1).tolist()]
         return part
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def load(self, index: int) -> Image.Image:
         """Sample ``index`` (of this subset) as a decoded RGB PIL image; raises if it cannot be read."""
@@ -280,9 +298,7 @@ class ImageDataset(Dataset):
         try:
             image = self._pixels(source)
         except Exception as e:  # any decoder failure skips this one image, never the batch
-            if source not in self._warned:
-                self._warned.add(source)
-                logger.warning("skipping unreadable image %s: %s", self._describe(source), str(e) or type(e).__name__)
+            self._skip(source, "unreadable image", self._describe(source), e)
             return None
         if plain:
             return self.transform(image), self.targets[index]

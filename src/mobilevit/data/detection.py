@@ -23,7 +23,6 @@ differs from the annotation's) gives ``None``, logged once, and :func:`collate_d
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import logging
@@ -32,7 +31,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,10 +39,9 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .datasets import IMAGE_SUFFIXES, DataError, open_image
+from .datasets import IMAGE_SUFFIXES, DataError, SampleView, open_image
 from .sampler import SampleKey
 from .segmentation import VOC_CLASSES, _as_image, _as_seed, _first, _index_dir, _to_float, read_class_names
 
@@ -268,7 +266,7 @@ def _header_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read the image size ({str(e) or type(e).__name__})") from e
 
 
-class DetectionDataset(Dataset):
+class DetectionDataset(SampleView):
     """Base of the detection datasets: checked records, subsets, sampler keys, bad-image skipping.
 
     ``classes`` are the class names, ``classes[0] == "background"``, objects labelled ``1..len(classes) - 1``;
@@ -278,35 +276,16 @@ class DetectionDataset(Dataset):
     def __init__(
         self, records: Sequence[DetectionRecord], classes: Sequence[str], transform: DetTransform | None, **counts: int
     ):
+        super().__init__(len(records), transform or det_to_tensor)
         self.records: list[DetectionRecord] = list(records)
         self.classes: list[str] = list(classes)
-        self.indices = np.arange(len(self.records))
-        self.transform: DetTransform = transform or det_to_tensor
         self.dropped_boxes: int = counts.get("dropped_boxes", 0)
         self.clipped_boxes: int = counts.get("clipped_boxes", 0)
-        self._warned: set[int] = set()
 
     @property
     def num_classes(self) -> int:
         """Classes including the background: the detector's ``num_classes``."""
         return len(self.classes)
-
-    def subset(self, indices: Sequence[int], transform: DetTransform | None = None) -> Self:
-        """The samples at ``indices`` (positions in this dataset), read with ``transform`` (default: this one's).
-
-        Shares the records with this dataset: nothing is read again.
-        """
-        picked = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if picked.size and not (picked.min() >= 0 and picked.max() < len(self)):
-            raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
-        part = copy.copy(self)
-        part.indices = self.indices[picked]
-        part.transform = transform or self.transform
-        part._warned = set()
-        return part
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def record(self, index: int) -> DetectionRecord:
         """The record of sample ``index`` (of this subset): file, image id, size and boxes in original pixels."""
@@ -346,9 +325,7 @@ class DetectionDataset(Dataset):
             image, target = self.load(index)
         except Exception as e:  # a bad image skips this one sample, never the batch
             source = int(self.indices[index])
-            if source not in self._warned:
-                self._warned.add(source)
-                logger.warning("skipping detection sample %s: %s", self.records[source].path.name, e)
+            self._skip(source, "detection sample", self.records[source].path.name, e)
             return None
         if plain:
             return self.transform(image, target)
@@ -618,6 +595,12 @@ def build_detection_dataset(
         f"{root / 'annotations' / f'instances_{split}.json'} and VOC ImageSets/Main/{split}.txt (in {root}, "
         "VOC2012/, VOC2007/ or VOCdevkit/VOC20xx/)"
     )
+
+
+def loss_target(target: DetTarget) -> dict[str, Tensor]:
+    """A target's boxes and labels for the loss: crowd (COCO) / difficult (VOC) boxes only count in evaluation."""
+    keep = torch.as_tensor(target["iscrowd"]) == 0 if "iscrowd" in target else slice(None)
+    return {"boxes": target["boxes"][keep], "labels": target["labels"][keep]}
 
 
 def collate_detection(items: Sequence[DetItem]) -> tuple[Tensor, list[DetTarget], int]:

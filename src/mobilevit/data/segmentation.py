@@ -11,13 +11,12 @@ file name and the problem, and :func:`collate_segmentation` counts and drops it.
 
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +24,9 @@ import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .datasets import IMAGE_SUFFIXES, DataError, open_image
+from .datasets import IMAGE_SUFFIXES, DataError, SampleView, open_image
 from .sampler import SampleKey
 
 logger = logging.getLogger("mobilevit.data")
@@ -240,39 +238,20 @@ class SegEvalTransform:
 # ------------------------------------------------------------------------------------------ datasets
 
 
-class SegmentationDataset(Dataset):
+class SegmentationDataset(SampleView):
     """Base of the segmentation datasets: ``(image file, mask file)`` pairs, subsets, sampler keys, bad-item skipping.
 
     ``classes`` are the class names (index = class id); mask values must be below ``len(classes)`` or 255.
     """
 
     def __init__(self, samples: Sequence[tuple[Path, Path]], classes: Sequence[str], transform: SegTransform | None):
+        super().__init__(len(samples), transform or seg_to_tensor)
         self.samples: list[tuple[Path, Path]] = list(samples)
         self.classes: list[str] = list(classes)
-        self.indices = np.arange(len(self.samples))
-        self.transform: SegTransform = transform or seg_to_tensor
-        self._warned: set[int] = set()
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    def subset(self, indices: Sequence[int], transform: SegTransform | None = None) -> Self:
-        """The samples at ``indices`` (positions in this dataset), read with ``transform`` (default: this one's).
-
-        Shares the file list with this dataset: nothing is scanned again.
-        """
-        picked = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if picked.size and not (picked.min() >= 0 and picked.max() < len(self)):
-            raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
-        part = copy.copy(self)
-        part.indices = self.indices[picked]
-        part.transform = transform or self.transform
-        part._warned = set()
-        return part
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
     def paths(self, index: int) -> tuple[Path, Path]:
         """``(image file, mask file)`` of sample ``index`` (of this subset)."""
@@ -312,9 +291,7 @@ class SegmentationDataset(Dataset):
             image, mask = self.load(index)
         except Exception as e:  # any bad pair skips this one sample, never the batch
             source = int(self.indices[index])
-            if source not in self._warned:
-                self._warned.add(source)
-                logger.warning("skipping segmentation sample %s: %s", self.samples[source][0].stem, e)
+            self._skip(source, "segmentation sample", self.samples[source][0].stem, e)
             return None
         if plain:
             return self.transform(image, mask)

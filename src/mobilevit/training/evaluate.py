@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..data.detection import loss_target
 from ..data.segmentation import IGNORE_INDEX
 from .distributed import all_sum
 
@@ -235,7 +236,8 @@ def evaluate_detection(
             with autocast(device, amp):
                 raw = model.forward_raw(images)
             raw = _float32(raw)  # decode boxes in float32: bf16 pixel coordinates are off by whole pixels
-            losses = model.loss(raw, [_loss_target(t, device) for t in targets], size)
+            loss_targets = [{k: v.to(device) for k, v in loss_target(t).items()} for t in targets]
+            losses = model.loss(raw, loss_targets, size)
             loss_sum += sum(float(v) for k, v in losses.items() if k.startswith("loss")) * len(targets)
             loss_images += len(targets)
             outputs = model.postprocess(raw, image_sizes=[size] * len(targets))
@@ -254,12 +256,6 @@ def evaluate_detection(
         unique.setdefault(record["id"], record)
     loss = loss_sum / loss_images if raw_path and loss_images else math.nan
     return _coco_metrics(list(unique.values()), num_classes, loss, int(skipped))
-
-
-def _loss_target(target: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    """Boxes and labels of a target on ``device``, crowd / difficult boxes left out (as in training)."""
-    keep = torch.as_tensor(target["iscrowd"]) == 0 if "iscrowd" in target else slice(None)
-    return {"boxes": target["boxes"][keep].to(device), "labels": target["labels"][keep].to(device)}
 
 
 def _float32(obj: Any) -> Any:

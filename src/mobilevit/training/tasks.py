@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data.datasets import TrainTransform, build_dataset, collate, split_holdout
+from ..data.detection import loss_target
 from ..data.segmentation import IGNORE_INDEX
 from ..data.transforms import EvalTransform
 from ..factory import model_task
@@ -175,7 +176,7 @@ class DetectionTask(Task):
         return TaskData(train_set, val_set, list(full.classes), collate_detection, preprocess)
 
     def forward_loss(self, net: nn.Module, images: Tensor, targets: Any, cfg: TrainConfig) -> tuple[Tensor, ...]:
-        targets = [_without_crowds(t) for t in targets]
+        targets = [loss_target(t) for t in targets]
         losses = net(images, targets)
         zero = torch.zeros((), device=images.device)
         return sum(losses.values(), zero), zero, zero
@@ -192,12 +193,6 @@ class DetectionTask(Task):
     def placeholder_batch(self, size: int) -> tuple[Tensor, Any]:
         empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
         return torch.zeros(2, 3, size, size), [empty, dict(empty)]
-
-
-def _without_crowds(target: dict[str, Any]) -> dict[str, Tensor]:
-    """A training target without its crowd (COCO) / difficult (VOC) boxes: those only matter to evaluation."""
-    keep = target["iscrowd"] == 0 if "iscrowd" in target else slice(None)
-    return {"boxes": target["boxes"][keep], "labels": target["labels"][keep]}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (ClassificationTask(), SegmentationTask(), DetectionTask())}
