@@ -10,9 +10,8 @@ MV=${MOBILEVIT:-.venv/bin/mobilevit}
 mkdir -p "$OUT"
 SIZE=$(.venv/bin/python -c "import mobilevit as m; print(m.model_transform(m.create_model('mobilevit_xxs', weights='$W')).crop_size)")
 $MV export --weights "$W" --format onnx --dynamic -o "$OUT/fm.onnx"
-$MV export --weights "$W" --format onnx --int8 --calibration fashion-mnist --calibration-images 512 -o "$OUT/fm.int8.onnx"
-for target in pytorch "$OUT/fm.onnx" "$OUT/fm.int8.onnx"; do
-  extra=(); [ "$target" = pytorch ] || extra=(--onnx "$target")
-  echo "== $target"; $MV eval --weights "$W" --data fashion-mnist --split test --json "${extra[@]}" | tee "$OUT/$(basename "$target").json"
+$MV export --weights "$W" --format onnx --precision int8 --calibration fashion-mnist --calibration-images 512 -o "$OUT/fm.int8.onnx"
+for target in "$W" "$OUT/fm.onnx" "$OUT/fm.int8.onnx"; do  # the weights, then the exported files
+  echo "== $target"; $MV eval --weights "$target" --data fashion-mnist --split test --json | tee "$OUT/$(basename "$target").json"
 done
 $MV bench --models mobilevit_xxs --size "$SIZE" --batch-sizes 1,64 --impl onnx,onnx-int8,deploy --repeats 30 | tee "$OUT/speed.md"

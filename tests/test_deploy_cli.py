@@ -1,4 +1,4 @@
-"""`mobilevit export`, `mobilevit eval --onnx` and `mobilevit bench` from the command line."""
+"""`mobilevit export`, `mobilevit eval --weights EXPORTED_FILE` and `mobilevit bench` from the command line."""
 
 from __future__ import annotations
 
@@ -38,15 +38,19 @@ def fm_ckpt(tmp_path_factory) -> tuple[Path, Path]:
     return path, root / "data"
 
 
-def test_export_onnx_then_eval_it_matches_pytorch_eval(capsys, fm_ckpt, tmp_path):
+@pytest.mark.parametrize(("fmt", "suffix"), [("onnx", ".onnx"), ("openvino", ".xml")])
+def test_export_then_eval_it_matches_pytorch_eval(capsys, fm_ckpt, tmp_path, fmt, suffix):
     pytest.importorskip("onnxruntime")
+    if fmt == "openvino":
+        pytest.importorskip("openvino")
     ckpt, data = fm_ckpt
-    code, out, _ = _run(capsys, "export", "--weights", ckpt, "--format", "onnx", "--dynamic", "-o", tmp_path / "m.onnx")
-    assert code == 0 and "input 64x64" in out and (tmp_path / "m.onnx").is_file()
-    base = ["eval", "--weights", ckpt, "--data", data, "--num-workers", 0, "--batch-size", 7, "--json"]
-    code, out, _ = _run(capsys, *base)
+    exported = tmp_path / f"m{suffix}"
+    code, out, _ = _run(capsys, "export", "--weights", ckpt, "--format", fmt, "--dynamic", "-o", exported)
+    assert code == 0 and "input 64x64" in out and exported.is_file()
+    base = ["eval", "--data", data, "--num-workers", 0, "--batch-size", 7, "--json"]
+    code, out, _ = _run(capsys, *base, "--weights", ckpt)
     torch_metrics = json.loads(out)
-    code, out, _ = _run(capsys, *base, "--onnx", tmp_path / "m.onnx")
+    code, out, _ = _run(capsys, *base, "--weights", exported)
     onnx_metrics = json.loads(out)
     assert code == 0 and onnx_metrics["count"] == torch_metrics["count"] == 20
     assert onnx_metrics["top1"] == torch_metrics["top1"] and onnx_metrics["top5"] == torch_metrics["top5"]
@@ -57,20 +61,22 @@ def test_export_int8_with_calibration_and_eval(capsys, fm_ckpt, tmp_path):
     onnx = pytest.importorskip("onnx")
     ckpt, data = fm_ckpt
     out_path = tmp_path / "m.int8.onnx"
-    args = ["export", "--weights", ckpt, "--format", "onnx", "--int8", "--calibration", data]
+    args = ["export", "--weights", ckpt, "--format", "onnx", "--precision", "int8", "--calibration", data]
     code, out, _ = _run(capsys, *args, "--calibration-images", 16, "-o", out_path)
     assert code == 0 and "int8" in out
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out_path)).graph.node)
-    code, out, _ = _run(capsys, "eval", "--weights", ckpt, "--data", data, "--num-workers", 0, "--onnx", out_path)
-    assert code == 0 and "top-1" in out
+    code, out, _ = _run(capsys, "eval", "--weights", out_path, "--data", data, "--num-workers", 0)
+    assert code == 0 and "top-1" in out and str(out_path) in out
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--format", "coreml", "--int8", "--calibration", "x"], "--int8 is supported for --format onnx only"),
-        (["--format", "onnx", "--int8"], "--int8 needs --calibration"),
-        (["--format", "onnx", "--int8", "--calibration", "/no/such/dir"], "/no/such/dir"),
+        (["--format", "coreml", "--precision", "int8", "--calibration", "x"], "not available for --format coreml"),
+        (["--format", "onnx", "--precision", "bf16"], "--precision bf16 is not available for --format onnx"),
+        (["--format", "onnx", "--precision", "int8"], "--precision int8 needs --calibration"),
+        (["--format", "openvino", "--calibration", "fashion-mnist"], "--calibration is for --precision int8"),
+        (["--format", "onnx", "--precision", "int8", "--calibration", "/no/such/dir"], "/no/such/dir"),
     ],
 )
 def test_export_option_errors_are_clear(capsys, fm_ckpt, tmp_path, extra, message):
@@ -79,11 +85,13 @@ def test_export_option_errors_are_clear(capsys, fm_ckpt, tmp_path, extra, messag
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_eval_onnx_missing_file_is_a_clear_error(capsys, fm_ckpt, tmp_path):
+def test_eval_of_a_missing_exported_file_is_a_clear_error(capsys, fm_ckpt, tmp_path):
     pytest.importorskip("onnxruntime")
-    ckpt, data = fm_ckpt
-    code, _, err = _run(capsys, "eval", "--weights", ckpt, "--data", data, "--onnx", tmp_path / "none.onnx")
-    assert code == 2 and "none.onnx" in err
+    _, data = fm_ckpt
+    code, _, err = _run(capsys, "eval", "--weights", tmp_path / "none.onnx", "--data", data)
+    assert code == 2 and "none.onnx: no such file" in err and "mobilevit export --format onnx" in err
+    code, _, _ = _run(capsys, "eval", "--weights", tmp_path / "none.onnx", "--onnx", "x.onnx")
+    assert code == 2  # the old option is gone: one way to evaluate an exported file
 
 
 def test_bench_table_json_and_plot(capsys, tmp_path):
@@ -94,13 +102,23 @@ def test_bench_table_json_and_plot(capsys, tmp_path):
     )
     assert code == 0
     assert "| mobilevit_xxs | 1 | deploy |" in out and "| mobilevit_xxs | 2 | timm |" in out and "sgemm" in out
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert out.count("CPU: ") == 2 and "Best peer path and ours:" in out  # the summary table names the CPU too
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = result["rows"]
     assert len(rows) == 6 and {r["impl"] for r in rows} == {"timm", "ours", "deploy"}
     for r in rows:
         assert r["median_ms"] > 0 and r["floor_ratio"] > 1  # nothing beats the arithmetic floor
         assert r["throughput"] == pytest.approx(r["batch"] / r["median_ms"] * 1e3)
+        assert r["precision"] == "fp32" and r["macs"] > 0
         if r["impl"] == "timm":
             assert r["speedup"] == pytest.approx(1.0)
+    floors = result["floors"]
+    assert floors["fp32"] == result["sgemm_gflops"] == max(floors["kernels"]["fp32"].values()) > 0
+    assert [(s["batch"], s["peer"]["impl"]) for s in result["summary"]] == [(1, "timm"), (2, "timm")]
+    for s in result["summary"]:
+        best = min((r for r in rows if r["batch"] == s["batch"] and r["impl"] != "timm"), key=lambda r: r["median_ms"])
+        assert s["fp32"]["impl"] == best["impl"] and s["fp32"]["x_floor"] == pytest.approx(best["floor_ratio"])
+        assert s["int8"] is None and s["bf16"] is None
     assert (tmp_path / "b.png").stat().st_size > 5000
 
 

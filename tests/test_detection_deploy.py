@@ -261,7 +261,9 @@ def test_parity_check_of_detectors_names_the_output(model):
 
 
 def test_detector_export_refusals(model, tmp_path):
-    with pytest.raises(ExportError, match=r"supported in ONNX files only, not torchscript.*onnx_detections"):
+    with pytest.raises(
+        ExportError, match=r"supported in ONNX and OpenVINO files only, not torchscript.*onnx_detections"
+    ):
         export.export_model(model, tmp_path / "d.pt", "torchscript", postprocess=True)
     with pytest.raises(ExportError, match="postprocess=True is for detectors; this is a classification model"):
         export.export_model(mv.create_model("mobilevit_xxs"), tmp_path / "c.onnx", "onnx", postprocess=True)

@@ -62,7 +62,38 @@ def test_calibration_images_come_from_the_train_split(tmp_path):
     assert (torch.cdist(images.flatten(1), test_images.flatten(1)).min(dim=1).values > 1).all()
 
 
+def test_calibration_never_uses_the_held_out_images(tmp_path):
+    """`mobilevit eval --split holdout` measures the training images `mobilevit train val_fraction=F seed=S` held
+    out: calibration must leave exactly those out."""
+    from mobilevit.data.datasets import split_holdout
+
+    write_mnist(tmp_path / "fm", n_train=40, n_test=5)
+    transform = mv.EvalTransform(28, 28)
+    train = FashionMNIST(tmp_path / "fm", "train", lambda image, *_: transform(image, 28))
+    all_train = torch.stack([train[i][0] for i in range(len(train))]).flatten(1)
+    for fraction, seed in ((0.25, 0), (0.5, 3)):
+        images = calibration_images(
+            tmp_path / "fm", transform, 28, count=100, val_fraction=fraction, holdout_seed=seed
+        ).flatten(1)
+        kept, held = split_holdout(40, fraction, seed)
+        assert len(images) == len(kept)  # every other training image, none twice
+        source = torch.cdist(images, all_train).argmin(1).tolist()
+        assert sorted(source) == kept and not set(source) & set(held)
+
+
 def test_bad_calibration_is_a_clear_error(fp32_onnx, tmp_path):
     _, fp32 = fp32_onnx
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         quantize_onnx(fp32, tmp_path / "int8.onnx", torch.rand(3, 64, 64))
+
+
+def test_int8_file_keeps_the_metadata_and_says_int8(fp32_onnx, tmp_path):
+    from mobilevit.deployment.runtime import load_exported
+
+    _, fp32 = fp32_onnx
+    int8 = quantize_onnx(
+        fp32, tmp_path / "int8.onnx", torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    )
+    before, after = load_exported(fp32).metadata, load_exported(int8).metadata
+    assert after.pop("precision") == "int8" and "precision" not in before
+    assert after.items() >= before.items() and after["task"] == "classification"  # onnxruntime adds its own keys

@@ -109,3 +109,37 @@ def test_empty_and_invalid():
     for kwargs in ({"rank": 2, "world_size": 2}, {"sizes": []}, {"sizes": [(64, 0)]}):
         with pytest.raises(ValueError):
             MultiScaleBatchSampler(10, **kwargs)
+
+
+def test_repeated_augmentation_repeats_each_image_with_its_own_seeds():
+    n, r = 60, 3
+    plain_run = epoch(MultiScaleBatchSampler(n, sizes=SIZES, seed=6), 2)
+    plain = {i: s for b in plain_run for i, _, s in b}
+    sampler = MultiScaleBatchSampler(n, sizes=SIZES, seed=6, repeats=r)
+    keys = [k for b in epoch(sampler, 2) for k in b]
+    assert [(b[0][1], len(b)) for b in epoch(sampler, 2)] == [(b[0][1], len(b)) for b in plain_run]  # same steps
+    assert len(keys) == n
+    indices = [i for i, _, _ in keys]
+    assert [indices[k : k + r] for k in range(0, n, r)] == [[indices[k]] * r for k in range(0, n, r)]
+    assert len(set(indices)) == n // r  # a third of the dataset, each image three times
+    assert len({s for _, _, s in keys}) == n  # every copy is augmented differently
+    first = {}
+    for i, _, s in keys:
+        first.setdefault(i, s)
+    assert all(plain[i] == s for i, s in first.items())  # copy 0 keeps the seed it has without repeats
+    assert epoch(sampler, 3) != epoch(sampler, 2)
+    assert epoch(MultiScaleBatchSampler(n, sizes=SIZES, seed=6, repeats=r), 2) == epoch(sampler, 2)
+    with pytest.raises(ValueError, match="repeats"):
+        MultiScaleBatchSampler(n, repeats=0)
+
+
+def test_repeated_augmentation_spreads_copies_over_ranks_and_resumes():
+    n, r = 50, 2
+    ranks = [MultiScaleBatchSampler(n, sizes=SIZES, seed=1, rank=k, world_size=r, repeats=r) for k in range(r)]
+    runs = [epoch(s, 5) for s in ranks]
+    for b0, b1 in zip(*runs, strict=True):  # the same images at the same step, each rank its own copy
+        assert [(i, size) for i, size, _ in b0] == [(i, size) for i, size, _ in b1]
+        assert all(s0 != s1 for (_, _, s0), (_, _, s1) in zip(b0, b1, strict=True))
+    assert sum(len(b) for b in runs[0]) == n // r
+    full = runs[1]
+    assert epoch(ranks[1], 5, start_step=3) == full[3:]

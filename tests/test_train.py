@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import save_image, write_mnist
-from mobilevit import create_model, model_transform, read_checkpoint
+from mobilevit import create_model, model_transform, read_checkpoint, save_checkpoint
 from mobilevit.cli import main
 from mobilevit.data.datasets import FASHION_MNIST_CLASSES, build_dataset, collate
 from mobilevit.data.transforms import EvalTransform
@@ -178,8 +178,6 @@ def test_eval_command_reports_accuracy_and_pictures(mnist: Path, tmp_path: Path,
     assert metrics["loss"] == pytest.approx(expected.loss) and metrics["top1"] == pytest.approx(expected.top1)
     # a 1000-class model cannot be evaluated on 10 classes: clear error
     create = create_model("mobilevit_xxs")
-    from mobilevit import save_checkpoint
-
     save_checkpoint(create.state_dict(), create.config, tmp_path / "in1k.safetensors", arch="mobilevit_xxs")
     assert main(["eval", "--weights", str(tmp_path / "in1k.safetensors"), "--data", str(mnist)]) == 2
     assert "10 classes but the model predicts 1000" in capsys.readouterr().err
@@ -200,8 +198,6 @@ def test_hflip_averages_the_logits_of_the_image_and_its_mirror():
 
 def test_fine_tuning_loads_the_backbone_with_a_new_head(mnist: Path, tmp_path: Path):
     pretrained = create_model("mobilevit_xxs")
-    from mobilevit import save_checkpoint
-
     save_checkpoint(pretrained.state_dict(), pretrained.config, tmp_path / "p.safetensors", arch="mobilevit_xxs")
     trainer = Trainer(load_recipe(RECIPE, tiny(mnist, tmp_path / "ft", weights=str(tmp_path / "p.safetensors"))))
     assert trainer.model.fc.out_features == 10
@@ -257,14 +253,27 @@ def test_divergence_stops_with_a_usable_checkpoint(mnist: Path, tmp_path: Path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.dtype.is_floating_point)
 
 
+def advanced_options(tmp_path: Path) -> dict[str, object]:
+    """Every advanced option on: RandAugment, MixUp + CutMix, repeated augmentation, distillation (random teacher)."""
+    torch.manual_seed(1)
+    teacher = create_model("mobilevit_xxs", num_classes=10)
+    path = tmp_path / "teacher.safetensors"
+    save_checkpoint(teacher.state_dict(), teacher.config, path, arch="mobilevit_xxs")
+    return dict(
+        auto_augment="randaugment", mixup_alpha=0.2, cutmix_alpha=1.0, mix_prob=0.8, repeated_aug=2,
+        teacher=str(path), distill_alpha=0.5, distill_temperature=2.0,
+    )  # fmt: skip
+
+
 def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_resume_after_kill_matches_an_uninterrupted_run(mnist: Path, tmp_path: Path):
+@pytest.mark.parametrize("advanced", [False, True], ids=["paper", "advanced"])
+def test_resume_after_kill_matches_an_uninterrupted_run(mnist: Path, tmp_path: Path, advanced: bool):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "mobilevit", "train", "--config", RECIPE]
-    common = dict(epochs=6, checkpoint_every_steps=2)
+    common = dict(epochs=6, checkpoint_every_steps=2) | (advanced_options(tmp_path) if advanced else {})
     full = _run([*cmd, *cli_args(tiny(mnist, tmp_path / "full", **common))], env)
     killed = _run([*cmd, *cli_args(tiny(mnist, tmp_path / "killed", **common))], env)
     steps = tmp_path / "killed" / "steps.csv"
@@ -309,12 +318,14 @@ def test_resume_refuses_other_options(mnist: Path, tmp_path: Path):
         Trainer(load_recipe(RECIPE, tiny(mnist, out, epochs=1)), resume=True)
 
 
-def test_ddp_two_processes_gloo(mnist: Path, tmp_path: Path):
+@pytest.mark.parametrize("advanced", [False, True], ids=["paper", "advanced"])
+def test_ddp_two_processes_gloo(mnist: Path, tmp_path: Path, advanced: bool):
     out = tmp_path / "ddp"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mobilevit"]
+    options = advanced_options(tmp_path) if advanced else {}
     proc = subprocess.run(
-        [*cmd, "train", "--config", RECIPE, *cli_args(tiny(mnist, out, device="cpu"))],
+        [*cmd, "train", "--config", RECIPE, *cli_args(tiny(mnist, out, device="cpu", **options))],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

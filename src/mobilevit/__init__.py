@@ -5,6 +5,7 @@ from .checkpoints.io import Checkpoint, CheckpointError, read_checkpoint, save_c
 from .data.transforms import EvalTransform
 from .deployment.export import ExportError, export_model
 from .deployment.fuse import DeployedMobileViT, deploy
+from .deployment.runtime import ExportedModel, load_exported
 from .factory import create_model, list_models, load_checkpoint, model_categories, model_transform
 from .models.backbone import MobileViT
 from .models.config import VARIANTS, MobileViTConfig
@@ -22,6 +23,7 @@ __all__ = [
     "DeployedMobileViT",
     "EvalTransform",
     "ExportError",
+    "ExportedModel",
     "MobileViT",
     "MobileViTConfig",
     "MobileViTDeepLabV3",
@@ -37,6 +39,7 @@ __all__ = [
     "list_models",
     "list_weights",
     "load_checkpoint",
+    "load_exported",
     "model_categories",
     "model_transform",
     "read_checkpoint",

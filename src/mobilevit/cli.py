@@ -23,6 +23,7 @@ from .checkpoints.io import WRITABLE, CheckpointError, config_task, save_checkpo
 from .checkpoints.layouts import LAYOUTS
 from .data.datasets import IMAGE_SUFFIXES, open_image
 from .deployment.export import ExportError
+from .deployment.runtime import ExportedModel
 from .factory import arch_name, create_model, list_models, load_checkpoint, model_categories, model_transform
 from .models.flops import count_macs, count_params
 from .training.distributed import resolve_device
@@ -130,9 +131,12 @@ def _predict_parser(sub: Any) -> None:
     p.add_argument(
         "--weights",
         default=None,
-        help="known weights name (see `mobilevit models`), URL, checkpoint file or Hugging Face directory; "
-        "without it the model is randomly initialised and its predictions are meaningless",
+        help="known weights name (see `mobilevit models`), URL, checkpoint file or Hugging Face directory, or an "
+        "exported file (.onnx, .xml OpenVINO, .pt TorchScript, .pte ExecuTorch) run on the CPU with its own "
+        "preprocessing and class names; without it the model is randomly initialised and its predictions are "
+        "meaningless",
     )
+    _exported_options(p)
     p.add_argument("--topk", type=_positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument(
         "--output-dir",
@@ -195,7 +199,13 @@ def _eval_parser(sub: Any) -> None:
         "Unreadable images are skipped and counted.",
     )
     p.add_argument("--model", choices=list_models(None), default=None, help="architecture (default: the checkpoint's)")
-    p.add_argument("--weights", required=True, help="checkpoint file, directory, URL or known weights name")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="checkpoint file, directory, URL or known weights name, or an exported file (.onnx, .xml OpenVINO, "
+        ".pt TorchScript, .pte ExecuTorch: e.g. an int8 export) run on the CPU with the preprocessing it records",
+    )
+    _exported_options(p)
     p.add_argument(
         "--data",
         default="fashion-mnist",
@@ -238,14 +248,25 @@ def _eval_parser(sub: Any) -> None:
         default=0.3,
         help="detection models: boxes drawn in --samples score at least this (default 0.3; mAP uses every detection)",
     )
-    p.add_argument(
-        "--onnx",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="evaluate this exported ONNX model (e.g. int8) with onnxruntime instead; --weights gives its preprocessing",
-    )
     p.set_defaults(func=cmd_eval)
+
+
+def _exported_options(p: argparse.ArgumentParser) -> None:
+    """Options of `predict` and `eval` for exported files."""
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="(exported OpenVINO files) inference precision instead of the file's hint; bf16 needs a CPU with "
+        "AVX-512 BF16 or AMX",
+    )
+    p.add_argument(
+        "--metadata-from",
+        default=None,
+        metavar="WEIGHTS",
+        help="(exported files without metadata: ExecuTorch .pte) the checkpoint whose preprocessing and class "
+        "names apply",
+    )
 
 
 def _train_parser(sub: Any) -> None:
@@ -269,21 +290,24 @@ def _export_parser(sub: Any) -> None:
     """`mobilevit export`."""
     p = sub.add_parser(
         "export",
-        help="export to ONNX, TorchScript, Core ML or ExecuTorch (optionally int8 ONNX)",
+        help="export to ONNX, OpenVINO, TorchScript, Core ML or ExecuTorch (optionally int8 or bf16)",
         description="Export the inference form of a model (BatchNorm folded, see mobilevit.deploy) for "
-        "deployment. onnx: input 'images' [B, 3, H, W] float RGB in [0, 1], output 'logits'; torchscript: a "
+        "deployment. onnx: input 'images' [B, 3, H, W] float RGB in [0, 1], output 'logits'; openvino: an IR (.xml "
+        "+ .bin) with the same input and outputs, converted from the ONNX file; torchscript: a "
         "traced module; coreml: an .mlpackage whose input is an RGB image (the 1/255 scaling is built in); "
         "executorch: a .pte program lowered to XNNPACK. H and W are fixed at --size (onnx: --dynamic-size leaves "
         "them dynamic); --dynamic makes the batch dimension dynamic. Segmentation models (*_deeplabv3) output "
         "'logits' [B, classes, H, W] at the input size. Detectors (*_ssdlite) output 'boxes' [B, N, 4] "
         "(normalised x1, y1, x2, y2) and 'scores' [B, N, classes] (softmax, class 0 = background) for N anchors; "
         "--postprocess adds the official post-processing (ONNX NonMaxSuppression: per class score > 0.05, "
-        "IoU 0.5, 200 per class) as a third output 'selected' [K, 3] (batch, class, anchor). --int8 writes a "
-        "statically quantized ONNX model calibrated on --calibration images.",
+        "IoU 0.5, 200 per class) as a third output 'selected' [K, 3] (batch, class, anchor). --precision int8 "
+        "(onnx, openvino) writes a statically quantized model calibrated on --calibration images; --precision bf16 "
+        "(openvino) an fp32 IR that runs in bf16 on CPUs that have it. Run the files with `mobilevit predict` / "
+        "`mobilevit eval --weights FILE` or mobilevit.load_exported.",
     )
     p.add_argument("--model", choices=list_models(None), default=None, help="architecture (default: the checkpoint's)")
     p.add_argument("--weights", default=None, help="checkpoint file, directory, URL or known weights name")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "coreml", "executorch"])
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "coreml", "executorch"])
     p.add_argument("-o", "--output", type=Path, default=None, help="output path (default: MODEL.SUFFIX here)")
     p.add_argument(
         "--size",
@@ -301,15 +325,31 @@ def _export_parser(sub: Any) -> None:
     p.add_argument(
         "--postprocess",
         action="store_true",
-        help="(onnx, detectors) the official post-processing in the graph: outputs boxes, scores, selected",
+        help="(onnx, openvino; detectors) the official post-processing in the graph: outputs boxes, scores, selected",
     )
-    p.add_argument("--int8", action="store_true", help="(onnx) post-training static int8 quantization")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="fp32 (default); int8 (onnx, openvino): post-training static quantization calibrated on --calibration; "
+        "bf16 (openvino): an fp32 IR with a bf16 inference hint",
+    )
     p.add_argument(
         "--calibration",
         default=None,
-        help="(--int8) calibration images: 'fashion-mnist', IDX directory or ImageFolder tree (train split used)",
+        help="(int8) calibration images: 'fashion-mnist', an IDX directory or ImageFolder tree (training images "
+        "minus those `mobilevit train` holds out, see --val-fraction and --seed); segmentation and detection "
+        "models: the train split of a VOC, COCO or images/ + masks/ tree",
     )
-    p.add_argument("--calibration-images", type=_positive_int, default=512, help="(--int8) images used (default 512)")
+    p.add_argument("--calibration-images", type=_positive_int, default=512, help="(int8) images used (default 512)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="(int8, classifiers) the run's val_fraction: its held-out images are never used to calibrate "
+        "(default 0.1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="(int8, classifiers) the run's seed (default 0)")
     p.set_defaults(func=cmd_export)
 
 
@@ -321,14 +361,23 @@ def _bench_parser(sub: Any) -> None:
         description="Median latency (ms per batch, after warm-up; each implementation timed in two blocks, in order "
         "then in reverse order) and "
         "throughput for each model and batch size, with the speed-up against timm (segmentation: Hugging Face) "
-        "and the distance to the arithmetic floor (2 x MACs / measured sgemm rate). Segmentation models "
-        "(*_deeplabv3) are compared with Hugging Face's MobileViTForSemanticSegmentation and torchvision's "
+        "and the distance to the arithmetic floor of the row's precision (2 x MACs / the fp32, bf16 or int8 "
+        "matrix-multiply rate measured in the same run). The peers run their own models through the paths their "
+        "users would take: eager, torch.compile, a plain torch.onnx.export in onnxruntime and OpenVINO (timm-*, "
+        "hf-*: the faster of openvino.convert_model and conversion from their ONNX). Ours adds OpenVINO in fp32, bf16 "
+        "(where the CPU has avx512_bf16 or amx_bf16) and int8 (NNCF; random calibration images, speed only). "
+        "onnxruntime and OpenVINO do not spin idle threads between calls. After the table, a summary gives per "
+        "(model, batch) the fastest fp32 peer path and our fastest fp32 / bf16 / int8 rows against it and against "
+        "their floors. Segmentation models "
+        "(*_deeplabv3) are compared with Hugging Face's MobileViTForSemanticSegmentation (our weights; hf, hf-compile, "
+        "hf-onnx, hf-openvino) and torchvision's "
         "DeepLabv3 / LR-ASPP MobileNetV3-Large (tv-deeplabv3, tv-lraspp; random weights); detectors (*_ssdlite) with "
-        "torchvision's SSDLite320-MobileNetV3-Large (tv-ssdlite, tv-ssdlite-onnx), timing the network up to decoded "
+        "torchvision's SSDLite320-MobileNetV3-Large (tv-ssdlite, tv-ssdlite-onnx, tv-ssdlite-openvino), timing the "
+        "network up to decoded "
         "boxes and class scores, and each library's own post-processing in the '+post' rows. The header names the "
         "CPU, its AVX2/AVX-512/VNNI/BF16/AMX support and the load average. Implementations whose packages are "
         "missing are left out. 'compile' is torch.compile (inductor, frozen weights) of the deploy form: its "
-        "first call compiles for about a minute per shape.",
+        "first call compiles for about a minute per shape (the same for timm-compile and hf-compile).",
     )
     p.add_argument(
         "--models",
@@ -405,11 +454,78 @@ TASK_SIZES = {"classification": 256, "segmentation": 512, "detection": 320}
 
 
 def eval_size(model: torch.nn.Module) -> int:
-    """The input side a model's weights are evaluated at: a classifier's crop, a dense model's square resize."""
-    task = config_task(model.config)
+    """The input side a model's weights are evaluated at: a classifier's crop, a dense model's square resize.
+
+    An exported file with a fixed input size is evaluated at that size.
+    """
+    task = model_task_of(model)
+    if isinstance(model, ExportedModel) and model.image_size is not None:
+        return model.image_size[0]
     if task == "classification":
         return model_transform(model).crop_size
     return int(model.weights_meta.get("preprocess", {}).get("size", TASK_SIZES[task]))
+
+
+def model_task_of(model: torch.nn.Module) -> str:
+    """The task of a model or of an exported file (:class:`~mobilevit.deployment.runtime.ExportedModel`)."""
+    return model.task if isinstance(model, ExportedModel) else config_task(model.config)
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    """What a model is called in messages: the exported file, or the architecture."""
+    if isinstance(model, ExportedModel):
+        return str(model.path)
+    return getattr(model.config, "name", None) or arch_name(model)
+
+
+def _inference_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.device]:
+    """The model of `predict` and `eval`: a checkpoint's (``--weights``, ``--model``) on ``--device``, or an exported
+    file (``--weights FILE.onnx|.xml|.pt|.pte``) run on the CPU by :func:`mobilevit.load_exported`."""
+    from .deployment.runtime import exported_format, load_exported
+
+    fmt = exported_format(args.weights) if args.weights is not None else None
+    if fmt is None:
+        if args.precision is not None or args.metadata_from is not None:
+            raise ValueError("--precision and --metadata-from are for exported files (.onnx, .xml, .pt, .pte)")
+        device = resolve_device(args.device)
+        arch = args.model or "mobilevit_s"
+        model = load_model(args.weights, args.model) if args.weights else create_model(arch)
+        return model.eval().to(device), device
+    if args.model is not None:
+        raise ValueError(f"--model is for checkpoints; {args.weights} is an exported {fmt} file")
+    if args.device not in (None, "cpu"):
+        raise ValueError(f"exported files run on the CPU; drop --device {args.device}")
+    if getattr(args, "amp", "none") != "none":
+        raise ValueError("--amp is for checkpoints; exported OpenVINO files take --precision bf16")
+    model = load_exported(args.weights, precision=args.precision)
+    if args.metadata_from is not None:
+        meta = load_checkpoint(args.metadata_from).meta
+        model.categories = model.categories or list(meta.get("categories") or [])
+        model.preprocess = model.preprocess or dict(meta.get("preprocess") or {})
+    if model.task == "classification":
+        if not model.preprocess:
+            raise ValueError(
+                f"{args.weights} records no preprocessing ({fmt} files carry no metadata): pass --metadata-from "
+                "WEIGHTS, the checkpoint it was exported from"
+            )
+        if model.image_size is not None and model.image_size[0] != model_transform(model).crop_size:
+            model.preprocess = model_transform(model).at_size(model.image_size[0]).to_dict()
+    return model, torch.device("cpu")
+
+
+class _ExportedDetector(torch.nn.Module):
+    """An exported detector behind the eval-mode interface of ours: ``model(images)`` -> detections per image."""
+
+    def __init__(self, exported: torch.nn.Module):
+        super().__init__()
+        self.exported = exported
+
+    def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
+        return self.exported.detections(images)
+
+
+def _detector(model: torch.nn.Module) -> torch.nn.Module:
+    return _ExportedDetector(model) if isinstance(model, ExportedModel) else model
 
 
 def model_rows(size: int | None = None) -> list[dict[str, Any]]:
@@ -515,9 +631,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
-    device = resolve_device(args.device)
     arch = args.model or "mobilevit_s"
-    model = (load_model(args.weights, args.model) if args.weights else create_model(arch)).eval().to(device)
+    model, device = _inference_model(args)
     if model.num_classes == 0:
         raise ValueError(f"{args.weights} has no classifier (num_classes=0): nothing to predict")
     if args.weights is None:
@@ -532,9 +647,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in " + ", ".join(map(str, args.inputs)), file=sys.stderr)
         return EXIT_NOTHING_PREDICTED
-    if config_task(model.config) == "segmentation":
+    if model_task_of(model) == "segmentation":
         return _predict_segmentation(args, model, device, paths, categories, warn)
-    if config_task(model.config) == "detection":
+    if model_task_of(model) == "detection":
         return _predict_detection(args, model, device, paths, categories, warn)
     loader = DataLoader(
         ImageFiles(paths, model_transform(model)),
@@ -652,7 +767,7 @@ def _predict_detection(
         h, w = pixels.shape[-2:]
         resized = TF.resize(pixels.float().div(255), [size, size], antialias=True)
         with torch.inference_mode():
-            det = model(resized[None].to(device))[0]
+            det = _detector(model)(resized[None].to(device))[0]
         keep = det["scores"] >= args.score_thresh
         boxes = (det["boxes"][keep].float().cpu() * torch.tensor([w / size, h / size] * 2)).tolist()
         found = [
@@ -722,11 +837,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate
     from .training.trainer import eval_batches
 
-    device = resolve_device(args.device)
-    model = load_model(args.weights, args.model).eval().to(device)
-    if config_task(model.config) == "segmentation":
+    model, device = _inference_model(args)
+    if model_task_of(model) == "segmentation":
         return _eval_segmentation(args, model, device)
-    if config_task(model.config) == "detection":
+    if model_task_of(model) == "detection":
         return _eval_detection(args, model, device)
     transform = model_transform(model)
     if args.size is not None:
@@ -741,8 +855,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.data} ({args.split}) has {len(dataset.classes)} classes but the model predicts "
             f"{model.num_classes}; fine-tune it first (mobilevit train ... weights={args.weights})"
         )
-    if args.onnx is not None:
-        model, device = _OnnxClassifier(args.onnx), torch.device("cpu")
     loader = DataLoader(
         dataset,
         batch_sampler=eval_batches(len(dataset), args.batch_size or 100),
@@ -753,7 +865,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(
         model, loader, device, args.amp, keep_predictions=keep, progress=sys.stderr.isatty(), hflip=args.hflip
     )
-    name = arch_name(model) if args.onnx is None else str(args.onnx)
+    name = _model_name(model)
     metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split}
     metrics |= {"size": transform.crop_size, "hflip": args.hflip}
     metrics |= result.to_dict()
@@ -794,9 +906,9 @@ def _dense_eval_data(
     """Dataset, class names, loader and input size of a segmentation or detection evaluation."""
     from .training.trainer import eval_batches
 
-    task = config_task(model.config)
-    if args.split == "holdout" or args.hflip or args.onnx is not None:
-        raise ValueError(f"--split holdout, --hflip and --onnx are for classifiers; {task} uses train/val/test")
+    task = model_task_of(model)
+    if args.split == "holdout" or args.hflip:
+        raise ValueError(f"--split holdout and --hflip are for classifiers; {task} uses train/val/test")
     if str(args.data).lower().replace("_", "-") == "fashion-mnist":
         raise ValueError(
             f"{args.weights} is a {task} model: give --data {_DENSE_DATA[task]} (e.g. the scenes of "
@@ -824,7 +936,7 @@ def _eval_segmentation(args: argparse.Namespace, model: torch.nn.Module, device:
         args, model, build_segmentation_dataset, SegEvalTransform, collate_segmentation
     )
     result = evaluate_segmentation(model, loader, device, args.amp, progress=sys.stderr.isatty())
-    name = getattr(model.config, "name", None) or arch_name(model)
+    name = _model_name(model)
     metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "size": size}
     metrics |= result.to_dict() | {"iou": dict(zip(classes, result.iou, strict=True))}
     if args.json:
@@ -858,8 +970,8 @@ def _eval_detection(args: argparse.Namespace, model: torch.nn.Module, device: to
     dataset, classes, loader, size = _dense_eval_data(
         args, model, build_detection_dataset, DetEvalTransform, collate_detection
     )
-    result = evaluate_detection(model, loader, device, args.amp)
-    name = getattr(model.config, "name", None) or arch_name(model)
+    result = evaluate_detection(_detector(model), loader, device, args.amp)
+    name = _model_name(model)
     metrics = {"model": name, "weights": str(args.weights), "data": args.data, "split": args.split, "size": size}
     metrics |= {k: getattr(result, k) for k in ("map", "map50", "map75", "map_small", "map_medium", "map_large")}
     metrics |= {"loss": result.loss, "images": result.num_images, "detections": result.num_detections}
@@ -878,7 +990,7 @@ def _eval_detection(args: argparse.Namespace, model: torch.nn.Module, device: to
         picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:8].tolist()
         images, targets, _ = collate_detection([dataset[i] for i in picks])
         with torch.inference_mode():
-            preds = [{k: v.cpu() for k, v in p.items()} for p in model.eval()(images.to(device))]
+            preds = [{k: v.cpu() for k, v in p.items()} for p in _detector(model).eval()(images.to(device))]
         title = f"{name} on {args.data} ({args.split}), scores >= {args.score_thresh:g}"
         plot_detections(images, preds, targets, classes, args.samples, title=title, score_thresh=args.score_thresh)
         print(f"sample detections: {args.samples}", file=sys.stderr)
@@ -902,21 +1014,6 @@ def _segmentation_samples(
         images.append(torch.nn.functional.interpolate(image[None], size=mask.shape, mode="bilinear")[0])
         targets.append(mask)
     plot_segmentation(torch.stack(images), torch.stack(targets), torch.stack(preds), classes, path, title=title)
-
-
-class _OnnxClassifier(torch.nn.Module):
-    """An exported ONNX file behind the module interface ``evaluate`` expects (runs on onnxruntime, CPU)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file (write one with `mobilevit export --format onnx`)")
-        self.path = path
-
-    def forward(self, images: Tensor) -> Tensor:
-        from .deployment.export import run_onnx
-
-        return run_onnx(self.path, images.cpu())
 
 
 def _eval_pictures(
@@ -984,50 +1081,63 @@ def cmd_data_scenes(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .deployment.export import SUFFIXES, export_model
+    from .deployment.export import PRECISIONS, SUFFIXES, export_model
     from .deployment.fuse import deploy
 
-    if args.int8 and args.format != "onnx":
-        raise ValueError(f"--int8 is supported for --format onnx only, not {args.format}")
-    if args.int8 and args.calibration is None:
-        raise ValueError("--int8 needs --calibration DATA (e.g. fashion-mnist or an image folder) to set the ranges")
+    allowed = PRECISIONS.get(args.format, ("fp32",))
+    if args.precision not in allowed:
+        raise ValueError(
+            f"--precision {args.precision} is not available for --format {args.format} (int8: onnx or openvino; "
+            "bf16: openvino)"
+        )
+    int8 = args.precision == "int8"
+    if int8 and args.calibration is None:
+        raise ValueError(
+            "--precision int8 needs --calibration DATA (e.g. fashion-mnist or an image folder) to set the ranges"
+        )
+    if args.calibration is not None and not int8:
+        raise ValueError("--calibration is for --precision int8")
     ckpt = load_checkpoint(args.weights) if args.weights else None
     model = create_model(args.model or (ckpt.arch if ckpt else None) or "mobilevit_s", weights=ckpt).eval()
     task = config_task(model.config)
-    if args.postprocess and (args.format != "onnx" or args.int8 or task != "detection"):
-        raise ValueError("--postprocess is for detectors exported with --format onnx (without --int8)")
-    if args.int8 and task == "detection":
-        raise ValueError("--int8 is not supported for detectors yet; export them in float32")
+    if args.postprocess and (args.format not in ("onnx", "openvino") or task != "detection"):
+        raise ValueError("--postprocess is for detectors exported with --format onnx or openvino")
     size = args.size or eval_size(model)
     name = arch_name(model)
-    out = args.output or Path(f"{name}{'.int8' if args.int8 else ''}{SUFFIXES[args.format]}")
-    fast = deploy(model, channels_last=False)
-    kw = dict(
+    out = args.output or Path(
+        f"{name}{'' if args.precision == 'fp32' else '.' + args.precision}{SUFFIXES[args.format]}"
+    )
+    kw: dict[str, Any] = dict(
         image_size=(size, size),
-        dynamic=args.dynamic or args.int8,
+        dynamic=args.dynamic or (int8 and args.format == "onnx"),
         batch_size=args.batch_size,
         dynamic_size=args.dynamic_size,
+        precision=args.precision,
     )
     if args.postprocess:
         kw["postprocess"] = True
-    if not args.int8:
-        path = export_model(fast, out, args.format, **kw)
-    else:
-        import tempfile
+    if int8:
+        from .deployment.quantize import calibration_images
 
-        from .deployment.quantize import calibration_images, quantize_onnx
-
-        images = calibration_images(args.calibration, model_transform(model), size, args.calibration_images)
-        with tempfile.TemporaryDirectory() as tmp:
-            fp32 = export_model(fast, Path(tmp) / "fp32.onnx", "onnx", **kw)
-            path = quantize_onnx(fp32, out, images)
+        kw["calibration"] = calibration_images(
+            args.calibration,
+            model_transform(model).at_size(size) if task == "classification" else None,
+            size,
+            args.calibration_images,
+            task=task,
+            val_fraction=args.val_fraction,
+            holdout_seed=args.seed,
+        )
+    path = export_model(deploy(model, channels_last=False), out, args.format, **kw)
     shape = f"input {size}x{size}" + (" (H and W dynamic)" if args.dynamic_size else "")
-    print(f"wrote {path} ({args.format}{', int8' if args.int8 else ''}, {name}, {shape})")
+    files = f"{path} + {path.with_suffix('.bin').name}" if args.format == "openvino" else str(path)
+    precision = "" if args.precision == "fp32" else f", {args.precision}"
+    print(f"wrote {files} ({args.format}{precision}, {name}, {shape})")
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .deployment.bench import cpu_info, format_table, load_average, malloc_name, plot_bench, run_bench
+    from .deployment.bench import cpu_info, format_report, load_average, malloc_name, plot_bench, run_bench
 
     def ints(text: str, what: str) -> list[int]:
         try:
@@ -1048,7 +1158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--patch-sizes takes three sizes per entry (e.g. 2,2,2 8,4,2), got {args.patch_sizes}")
     cpu, load_before = cpu_info(), load_average()
     bar = tqdm(desc="bench", disable=not sys.stderr.isatty(), bar_format="{desc}")
-    rows, gflops = run_bench(
+    result = run_bench(
         models,
         ints(args.batch_sizes, "--batch-sizes"),
         args.size,
@@ -1060,16 +1170,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         patch_sizes=patch_sizes or None,
     )
     bar.close()
-    print(format_table(rows, gflops, cpu))
+    print(format_report(result, cpu))
     if args.json:
         run = {"threads": args.threads, "size": args.size, "load_average": [load_before, load_average()]}
+        floors = result.floors.as_dict()
         args.json.write_text(
             json.dumps(
-                {"sgemm_gflops": gflops, "allocator": malloc_name(), "cpu": cpu, "run": run}
-                | {"rows": [r.as_dict() for r in rows]},
+                {"sgemm_gflops": result.floors.fp32, "floors": floors, "allocator": malloc_name(), "cpu": cpu}
+                | {"run": run, "rows": [r.as_dict() for r in result.rows], "summary": result.summary()}
+                | {"notes": result.notes},
                 indent=2,
             )
         )
     if args.plot:
-        print(f"plot: {plot_bench(rows, args.plot)}", file=sys.stderr)
+        print(f"plot: {plot_bench(result.rows, args.plot)}", file=sys.stderr)
     return EXIT_OK

@@ -15,7 +15,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .sampler import SampleKey
+from .transforms import apply_auto_augment, auto_augment, random_seed
 
 logger = logging.getLogger("mobilevit.data")
 
@@ -154,9 +155,12 @@ class TrainTransform:
     Crops cover a ``scale`` fraction of the area with aspect ratio in ``ratio`` (log-uniform); ``hflip`` is
     the flip probability. With probability ``erase``, a rectangle of the result (``erase_scale`` of its area,
     aspect ratio in ``erase_ratio``, log-uniform) is then filled with uniform noise (random erasing, Zhong et
-    al. 2017; gray noise for grayscale images). Randomness comes only from ``generator`` (torch's global RNG
-    when it is None). Accepts a PIL image or a ``[1|3, H, W]`` tensor (uint8, or float in [0, 1]); grayscale
-    is broadcast to RGB (an expanded view when nothing was erased: stack or clone it before writing in place).
+    al. 2017; gray noise for grayscale images). ``auto_augment``, torchvision's ``"randaugment"``
+    (``randaugment_ops`` operations of magnitude ``randaugment_magnitude``, 0..30) or ``"trivialaugment"``, is
+    applied to the resized crop before erasing (timm's order), its choices following a seed drawn from
+    ``generator``. Randomness comes only from ``generator`` (torch's global RNG when it is None). Accepts a PIL
+    image or a ``[1|3, H, W]`` tensor (uint8, or float in [0, 1]); grayscale is broadcast to RGB (an expanded
+    view when nothing was erased or augmented: stack or clone it before writing in place).
     """
 
     size: int = 256
@@ -167,9 +171,15 @@ class TrainTransform:
     erase: float = 0.0
     erase_scale: tuple[float, float] = (0.02, 1 / 3)
     erase_ratio: tuple[float, float] = (0.3, 1 / 0.3)
+    auto_augment: str = "none"
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
+    _augment: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         _check_interpolation(self.interpolation)
+        augment = auto_augment(self.auto_augment, self.randaugment_ops, self.randaugment_magnitude)
+        object.__setattr__(self, "_augment", augment)
         for name in ("scale", "erase_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
@@ -205,6 +215,9 @@ class TrainTransform:
             crop = crop.flip(-1)
         side = size or self.size
         out = _resize(crop, (side, side), self.interpolation)
+        if self._augment is not None:  # on the crop's own channels (one for grayscale), then broadcast again
+            augmented = apply_auto_augment(self._augment, out[: crop.shape[0]], random_seed(generator))
+            out = augmented.expand(3, -1, -1) if augmented.shape[0] == 1 else augmented
         if self.erase and torch.rand(1, generator=generator).item() < self.erase:
             box = _random_box(
                 side, side, self.erase_scale, self.erase_ratio, torch.rand(4 * _ATTEMPTS, generator=generator).tolist()

@@ -45,6 +45,11 @@ def _seed(*values: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+def mix_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """The seed of a batch-level augmentation (MixUp / CutMix) of batch ``batch`` of ``epoch`` on ``rank``."""
+    return _seed(seed, epoch, 2, batch, rank)
+
+
 def _aug_seeds(base: int, indices: np.ndarray) -> np.ndarray:
     """SplitMix64 of ``base + index * golden``: a well-mixed 63-bit seed per index."""
     with np.errstate(over="ignore"):
@@ -64,6 +69,13 @@ class MultiScaleBatchSampler(Sampler[list[SampleKey]]):
     order and disjoint indices covering the dataset (only the padding repeats). ``aug_seed`` depends only on ``(seed, epoch, index)``,
     so augmentations do not depend on workers, ranks or resumption. ``sizes=None`` means the single scale
     ``(base_size, base_batch)``.
+
+    ``repeats > 1`` is repeated augmentation (Hoffer et al. 2020; the DeiT recipe): every index of the permutation
+    is repeated ``repeats`` times in a row before sharding, and the epoch keeps its length, so it covers about
+    ``1 / repeats`` of the dataset, each image ``repeats`` times. Consecutive copies go to consecutive ranks (with
+    ``world_size == repeats`` every rank sees one copy of each image at the same step; with one process the copies
+    share a batch), and copy ``k`` of an image gets its own ``aug_seed`` from ``(seed, epoch, index, k)`` (copy 0
+    the seed it has without repeats).
     """
 
     def __init__(
@@ -78,22 +90,26 @@ class MultiScaleBatchSampler(Sampler[list[SampleKey]]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
+        repeats: int = 1,
     ):
         self.sizes = list(sizes) if sizes is not None else [(base_size, base_batch)]
         if num_samples < 0 or not self.sizes or any(s < 1 or b < 1 for s, b in self.sizes):
             raise ValueError(f"invalid sampler settings: {num_samples} samples, sizes {self.sizes}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.repeats = repeats
         self.per_rank = math.ceil(num_samples / world_size)
         self.epoch = 0
         self.start_step = 0
-        self._plan: tuple[int, torch.Tensor, list[tuple[int, int, int]]] | None = None
+        self._plan: tuple[int, torch.Tensor, list[tuple[int, int, int]]] | None = None  # epoch, order, steps
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Iterate over ``epoch`` from now on, skipping its first ``start_step`` batches (to resume)."""
@@ -111,8 +127,9 @@ class MultiScaleBatchSampler(Sampler[list[SampleKey]]):
         shard = order[self.rank :: self.world_size].numpy()
         base = _seed(self.seed, self.epoch, 1)
         for start, size, count in steps[self.start_step :]:
-            indices = shard[start : start + count]
-            seeds = _aug_seeds(base, indices)
+            keys = shard[start : start + count]  # index + copy * num_samples (copy 0 without repeats)
+            indices = keys % max(self.num_samples, 1)
+            seeds = _aug_seeds(base, keys)
             yield [(i, size, s) for i, s in zip(indices.tolist(), seeds.tolist(), strict=True)]
 
     def _epoch_plan(self) -> tuple[int, torch.Tensor, list[tuple[int, int, int]]]:
@@ -121,9 +138,13 @@ class MultiScaleBatchSampler(Sampler[list[SampleKey]]):
             g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, 0))
             n = self.num_samples
             order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+            if self.repeats > 1:  # each index `repeats` times in a row, copy k encoded as index + k * n
+                copies = torch.arange(self.repeats).repeat(n)
+                order = order.repeat_interleave(self.repeats) + copies * n
             total = self.per_rank * self.world_size
-            if total > n:  # wrap around so every rank gets per_rank indices
-                order = order.repeat(math.ceil(total / n))[:total]
+            if total > len(order):  # wrap around so every rank gets per_rank indices
+                order = order.repeat(math.ceil(total / len(order)))
+            order = order[:total]
             most_steps = math.ceil(self.per_rank / min(b for _, b in self.sizes))
             choices = torch.randint(len(self.sizes), (most_steps,), generator=g).tolist()
             steps, start = [], 0

@@ -1,4 +1,4 @@
-"""Export a classifier or a segmentation model to ONNX, TorchScript, Core ML or ExecuTorch, and run the files.
+"""Export a classifier, segmentation model or detector to ONNX, OpenVINO, TorchScript, Core ML or ExecuTorch.
 
 Every exported file takes what the PyTorch model takes: float32 RGB images in [0, 1], shaped
 ``[B, 3, H, W]``, with no mean/std normalisation, and returns what its ``forward`` returns: logits
@@ -19,8 +19,12 @@ operator): :func:`onnx_detections` turns their outputs into the detections ``mod
 
 After export, outputs are compared with PyTorch's (TorchScript always; ONNX when onnxruntime is
 installed, at a second input size too when H and W are dynamic). Files carry metadata where the
-format has room for it (ONNX, TorchScript, Core ML; not ExecuTorch): the task, the input convention,
-the output, the input size, class names and preprocessing when the weights know them.
+format has room for it (ONNX, OpenVINO, TorchScript, Core ML; not ExecuTorch): the task, the input
+convention, the output, the input size, the number of classes, class names and preprocessing when the
+weights know them. :func:`mobilevit.load_exported` runs every format but Core ML
+(:mod:`mobilevit.deployment.runtime`). ``precision="int8"`` (ONNX, OpenVINO) quantizes after training on
+calibration images; ``"bf16"`` (OpenVINO) stores an inference-precision hint, see
+:mod:`mobilevit.deployment.openvino`.
 
 The model is copied, moved to the CPU in float32 and put in eval mode; the caller's model is left
 untouched. Files are written atomically (built next to the target, then renamed over it).
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import importlib
 import json
 import logging
@@ -59,8 +62,10 @@ from .fuse import deploy
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript", "coreml", "executorch")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage", "executorch": ".pte"}
+FORMATS = ("onnx", "openvino", "torchscript", "coreml", "executorch")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "torchscript": ".pt", "coreml": ".mlpackage", "executorch": ".pte"}
+#: Precisions each format can be exported in (``bf16``: an OpenVINO inference hint on an fp32 file).
+PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 
 #: ONNX operator set of exported files (onnxruntime >= 1.14 runs it).
 ONNX_OPSET = 18
@@ -76,6 +81,8 @@ _PACKAGES = {  # import name -> distribution name, for the install hint
     "onnxscript": "onnxscript",
     "coremltools": "coremltools",
     "executorch": "executorch",
+    "openvino": "openvino",
+    "nncf": "nncf",
 }
 
 
@@ -122,6 +129,9 @@ def export_model(
     batch_size: int = 1,
     dynamic_size: bool = False,
     postprocess: bool = False,
+    precision: str = "fp32",
+    calibration: Tensor | str | os.PathLike | None = None,
+    calibration_count: int = 512,
 ) -> Path:
     """Export ``model`` to ``path`` in ``format`` (one of :data:`FORMATS`) and return the path.
 
@@ -129,7 +139,7 @@ def export_model(
         model: a classifier, segmentation model or detector taking ``[B, 3, H, W]`` RGB images in [0, 1]
             (e.g. from :func:`mobilevit.create_model`, or its inference form from :func:`mobilevit.deploy`).
         path: output file; its suffix must be ``SUFFIXES[format]``.
-        format: ``"onnx"``, ``"torchscript"``, ``"coreml"`` or ``"executorch"``.
+        format: ``"onnx"``, ``"openvino"`` (``.xml`` + ``.bin``), ``"torchscript"``, ``"coreml"`` or ``"executorch"``.
         image_size: ``(H, W)`` the file is made for (with ``dynamic_size``, the size it is traced and
             checked at). Default: 320x320 for detectors, else 256x256.
         dynamic: leave the batch axis dynamic (ONNX, TorchScript, ExecuTorch; not Core ML).
@@ -137,7 +147,13 @@ def export_model(
             ExecuTorch with ``dynamic=True`` it is the largest batch accepted (memory is planned for it).
         dynamic_size: leave H and W dynamic (ONNX only; other formats raise :class:`ExportError`).
             A segmentation model's output then follows the input size.
-        postprocess: (ONNX, detectors) put the official post-processing in the graph, see :func:`export_onnx`.
+        postprocess: (ONNX, OpenVINO; detectors) put the official post-processing in the graph, see :func:`export_onnx`.
+        precision: ``"fp32"``; ``"int8"`` (ONNX: :func:`~mobilevit.deployment.quantize.quantize_onnx`, OpenVINO:
+            NNCF) post-training quantization calibrated on ``calibration``; ``"bf16"`` (OpenVINO) an fp32 IR that
+            asks the runtime to compute in bf16.
+        calibration: (int8) a float ``[N, 3, H, W]`` tensor of preprocessed images, or a dataset name / directory
+            whose training images are read (``calibration_count`` of them; a classifier's without the images
+            ``mobilevit train val_fraction=0.1`` holds out). Never the images accuracy is measured on.
     """
     exporters: dict[str, Callable[..., Path]] = {
         "onnx": export_onnx,
@@ -145,17 +161,70 @@ def export_model(
         "coreml": export_coreml,
         "executorch": export_executorch,
     }
-    if format not in exporters:
+    if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    kw: dict[str, Any] = {"postprocess": True} if format == "onnx" and postprocess else {}
-    if postprocess and format != "onnx":
+    allowed = PRECISIONS.get(format, ("fp32",))
+    if precision not in allowed:
         raise ExportError(
-            f"post-processing in the graph (postprocess=True) is supported in ONNX files only, not {format}: export "
-            "the detector's raw outputs (boxes, scores) and run mobilevit.deployment.export.onnx_detections on them"
+            f"{format} files can be exported in {' or '.join(allowed)}, not precision={precision!r}"
+            + ("; int8: onnx or openvino, bf16: openvino" if precision in ("int8", "bf16") else "")
         )
-    return exporters[format](
-        model, path, image_size=image_size, dynamic=dynamic, batch_size=batch_size, dynamic_size=dynamic_size, **kw
+    if calibration is not None and precision != "int8":
+        raise ExportError("calibration images are for precision='int8'")
+    if postprocess and format not in ("onnx", "openvino"):
+        raise ExportError(
+            f"post-processing in the graph (postprocess=True) is supported in ONNX and OpenVINO files only, not "
+            f"{format}: export the detector's raw outputs (boxes, scores) and run "
+            "mobilevit.deployment.export.onnx_detections on them"
+        )
+    shape = dict(image_size=image_size, dynamic=dynamic, batch_size=batch_size, dynamic_size=dynamic_size)
+    if format == "openvino":
+        from .openvino import export_openvino
+
+        return export_openvino(
+            model,
+            path,
+            **shape,
+            postprocess=postprocess,
+            precision=precision,
+            calibration=calibration,
+            calibration_count=calibration_count,
+        )
+    if precision == "int8":
+        return _export_onnx_int8(model, path, shape, postprocess, calibration, calibration_count)
+    kw: dict[str, Any] = {"postprocess": True} if postprocess else {}
+    return exporters[format](model, path, **shape, **kw)
+
+
+def _export_onnx_int8(
+    model: nn.Module,
+    path: str | os.PathLike,
+    shape: dict[str, Any],
+    postprocess: bool,
+    calibration: Tensor | str | os.PathLike | None,
+    count: int,
+) -> Path:
+    """An fp32 ONNX export quantized by :func:`~mobilevit.deployment.quantize.quantize_onnx` (batch left dynamic)."""
+    from .quantize import quantize_onnx, resolve_calibration
+
+    task = _task(model)
+    if task == "detection" or postprocess:
+        raise ExportError(
+            "int8 ONNX export is for classifiers and segmentation models; export detectors in float32, or in int8 "
+            "with format='openvino'"
+        )
+    image_size = _default_size(model, shape["image_size"])
+    path = _check_args("onnx", path, image_size, shape["batch_size"], shape["dynamic_size"])
+    images = resolve_calibration(
+        calibration, task=task, preprocess=_weights_preprocess(model), image_size=image_size, count=count
     )
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", **(shape | {"dynamic": True}))
+        return quantize_onnx(fp32, path, images)
+
+
+def _weights_preprocess(model: nn.Module) -> dict[str, Any] | None:
+    return (getattr(model, "weights_meta", None) or {}).get("preprocess")
 
 
 # ------------------------------------------------------------------------------------------ ONNX
@@ -326,23 +395,18 @@ def run_onnx(path: str | os.PathLike, images: Tensor) -> Tensor | tuple[Tensor, 
 
     The logits of a classifier or segmentation model; a detector's outputs as a tuple in the file's
     order (``boxes, scores`` and, with post-processing, ``selected``: see :func:`onnx_detections`).
+    Shorthand for ``mobilevit.load_exported(path)(images)`` that keeps the loaded file for the next call.
     """
-    _require("onnxruntime", "running ONNX files")
-    session = _onnx_session(*_file_key(path))
-    x = _as_input(images)
-    try:
-        outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        tensors = tuple(torch.from_numpy(o) for o in outputs)
-        return tensors[0] if len(tensors) == 1 else tensors
-    except Exception as exc:
-        expected = [d if isinstance(d, int) else str(d) for d in session.get_inputs()[0].shape]
-        raise ValueError(f"{path}: takes images shaped {expected}, got {list(x.shape)} ({_reason(exc)})") from exc
+    from .runtime import run_exported
+
+    return run_exported(_suffixed(path, ".onnx"), images)
 
 
-@functools.lru_cache(maxsize=4)
-def _onnx_session(path: str, mtime_ns: int, size: int) -> Any:
-    ort = _require("onnxruntime", "running ONNX files")
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+def _suffixed(path: str | os.PathLike, suffix: str) -> Path:
+    path = Path(path)
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{path}: expected a {suffix} file")
+    return path
 
 
 # ------------------------------------------------------------------------------------- detectors
@@ -740,27 +804,11 @@ def export_executorch(
 def run_executorch(path: str | os.PathLike, images: Tensor) -> Tensor | tuple[Tensor, ...]:
     """Outputs of an exported ``.pte`` file for ``images`` ([B, 3, H, W] RGB in [0, 1]) with the ExecuTorch runtime.
 
-    The logits; a detector's ``(boxes, scores)``.
+    The logits; a detector's ``(boxes, scores)``. Shorthand for ``mobilevit.load_exported(path)(images)``.
     """
-    method = _executorch_method(*_file_key(path))
-    x = _as_input(images)
-    try:
-        outputs = method.execute([x])
-    except Exception as exc:
-        expected = list(method.metadata.input_tensor_meta(0).sizes())
-        raise ValueError(
-            f"{path}: takes images shaped {expected} (with a dynamic batch, up to that batch), got {list(x.shape)}"
-        ) from exc
-    # outputs live in the program's planned memory, reused by the next call
-    return outputs[0].clone() if len(outputs) == 1 else tuple(o.clone() for o in outputs)
+    from .runtime import run_exported
 
-
-@functools.lru_cache(maxsize=4)
-def _executorch_method(path: str, mtime_ns: int, size: int) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "This API is experimental"
-        runtime = _require("executorch.runtime", "running ExecuTorch files")
-        return runtime.Runtime.get().load_program(path).load_method("forward")
+    return run_exported(_suffixed(path, ".pte"), images)
 
 
 def _xnnpack_decompositions() -> dict[Any, Callable[..., Any]]:
@@ -927,8 +975,8 @@ def _outputs(model: nn.Module, x: Tensor) -> Any:
 def _metadata(model: nn.Module, image_size: tuple[int, int], dynamic_size: bool) -> dict[str, str]:
     """String metadata stored in the exported files.
 
-    ``task``, ``input`` (convention), ``output``, ``image_size`` (``"HxW"`` or ``"dynamic"``), and
-    when the weights know them ``categories`` (JSON list of class names) and ``preprocess`` (JSON).
+    ``task``, ``input`` (convention), ``output``, ``image_size`` (``"HxW"`` or ``"dynamic"``), ``num_classes``,
+    and when the weights know them ``categories`` (JSON list of class names) and ``preprocess`` (JSON).
     """
     task = _task(model)
     meta = {
@@ -937,6 +985,9 @@ def _metadata(model: nn.Module, image_size: tuple[int, int], dynamic_size: bool)
         "output": _output_doc(model),
         "image_size": "dynamic" if dynamic_size else f"{image_size[0]}x{image_size[1]}",
     }
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if isinstance(num_classes, int) and num_classes > 0:
+        meta["num_classes"] = str(num_classes)
     if isinstance(model, DetectionGraph):
         c = model.config
         meta["outputs"] = ",".join(model.output_names)
@@ -956,13 +1007,6 @@ def _as_input(images: Tensor) -> Tensor:
     if not isinstance(images, Tensor) or images.ndim != 4:
         raise ValueError(f"expected images as a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
     return images.detach().to(device="cpu", dtype=torch.float32).contiguous()
-
-
-def _file_key(path: str | os.PathLike) -> tuple[str, int, int]:
-    """Cache key of a file: resolved path, modification time and size (a rewritten file is reloaded)."""
-    resolved = Path(path).expanduser().resolve()
-    st = resolved.stat()
-    return str(resolved), st.st_mtime_ns, st.st_size
 
 
 def _close(a: Tensor, b: Tensor, tol: float) -> bool:
@@ -1038,6 +1082,7 @@ __all__ = [
     "FORMATS",
     "OUTPUTS",
     "PARITY_TOL",
+    "PRECISIONS",
     "SUFFIXES",
     "DetectionGraph",
     "ExportError",

@@ -12,6 +12,9 @@ What this does about it:
 - activation ranges are calibrated on real images with percentile clipping (99.999th), so one outlier
   does not waste the 256 levels;
 - the classifier (last Gemm) stays in fp32, as it is tiny and sets the logits directly.
+
+int8 OpenVINO files are quantized by NNCF instead: :mod:`mobilevit.deployment.openvino`. Both calibrate on
+:func:`calibration_images` (training images, never the held-out or test images accuracy is measured on).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import io
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +55,7 @@ def quantize_onnx(
     """Write an int8 (QDQ) copy of the fp32 ONNX model ``src`` to ``dst``, calibrated on ``calibration``.
 
     ``calibration`` is a float ``[N, 3, H, W]`` batch of preprocessed images (a few hundred real ones is
-    plenty), at the input size of ``src``.
+    plenty), at the input size of ``src``. The metadata of ``src`` is kept, with ``precision = int8`` added.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -103,6 +107,13 @@ def quantize_onnx(
             except ValueError as e:  # a constant tensor has no histogram ("Too many bins for data range")
                 logger.warning("percentile calibration failed (%s); using min/max ranges", e)
                 quantize_static(str(prepared), str(tmp), Reader(), calibrate_method=CalibrationMethod.MinMax, **options)
+        quantized = onnx.load(str(tmp))
+        entries = [p for p in quantized.metadata_props if p.key != "precision"]
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(entries)
+        entry = quantized.metadata_props.add()
+        entry.key, entry.value = "precision", "int8"
+        onnx.save(quantized, str(tmp))
         tmp.replace(dst)
     finally:
         prepared.unlink(missing_ok=True)
@@ -111,17 +122,77 @@ def quantize_onnx(
 
 
 def calibration_images(
-    data: str | Path, transform: Callable[..., torch.Tensor], size: int, count: int = 512, seed: int = 0
+    data: str | Path,
+    transform: Callable[..., torch.Tensor] | None,
+    size: int,
+    count: int = 512,
+    seed: int = 0,
+    *,
+    task: str = "classification",
+    val_fraction: float = 0.1,
+    holdout_seed: int = 0,
 ) -> torch.Tensor:
     """``count`` random training images of ``data`` (a dataset name or directory), preprocessed at ``size``.
 
-    Calibration uses the train split only: never the images the quantized model is evaluated on.
+    Calibration never sees the images a quantized model is evaluated on: classifiers draw from the train split
+    minus the images ``mobilevit train val_fraction=F seed=S`` holds out for validation (``val_fraction``,
+    ``holdout_seed``; the recipes' 0.1 and 0 by default), which ``mobilevit eval --split holdout`` measures;
+    segmentation and detection models from the train split of their dataset (VOC, COCO, images/ + masks/),
+    resized to ``size`` x ``size`` as their evaluation does (``transform`` is then unused).
     """
-    from ..data.datasets import build_dataset
+    if task == "classification":
+        from ..data.datasets import build_dataset, split_holdout
 
-    dataset = build_dataset(data, "train", lambda image, *_: transform(image, size))
+        if transform is None:
+            raise ValueError("calibrating a classifier needs its eval transform")
+        full = build_dataset(data, "train", lambda image, *_: transform(image, size))
+        dataset: Any = full.subset(split_holdout(len(full), val_fraction, holdout_seed)[0])
+    elif task == "segmentation":
+        from ..data.segmentation import SegEvalTransform, build_segmentation_dataset
+
+        dataset = build_segmentation_dataset(data, "train", SegEvalTransform(size))
+    elif task == "detection":
+        from ..data.detection import DetEvalTransform, build_detection_dataset
+
+        dataset = build_detection_dataset(data, "train", DetEvalTransform(size))
+    else:
+        raise ValueError(f"unknown task {task!r}")
     picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
     items = [item for item in (dataset[i] for i in picks) if item is not None]
     if not items:
         raise ValueError(f"no readable calibration image in {data}")
-    return torch.stack([image for image, _ in items])
+    return torch.stack([item[0] for item in items])
+
+
+def resolve_calibration(
+    calibration: torch.Tensor | np.ndarray | str | Path | None,
+    *,
+    task: str,
+    preprocess: dict[str, Any] | None,
+    image_size: tuple[int, int],
+    count: int = 512,
+) -> torch.Tensor:
+    """Calibration images as a float ``[N, 3, H, W]`` tensor at ``image_size``.
+
+    ``calibration`` is such a tensor (or array) of preprocessed images, or a dataset name or directory read
+    with :func:`calibration_images` (``count`` images; a classifier's with its eval ``preprocess``).
+    """
+    if calibration is None:
+        raise ValueError(
+            "int8 needs calibration images: pass calibration=a float [N, 3, H, W] tensor of preprocessed images "
+            "or a dataset name / directory (--calibration DATA), never the images accuracy is measured on"
+        )
+    if isinstance(calibration, (str, Path)):
+        h, w = image_size
+        if h != w:
+            raise ValueError(f"calibrating from a dataset needs a square image_size, got {image_size}; pass a tensor")
+        from ..data.transforms import EvalTransform
+
+        transform = EvalTransform(**(preprocess or {})).at_size(h) if task == "classification" else None
+        return calibration_images(calibration, transform, h, count, task=task)
+    images = torch.as_tensor(np.asarray(calibration) if isinstance(calibration, np.ndarray) else calibration)
+    if images.ndim != 4 or len(images) == 0 or not images.is_floating_point():
+        raise ValueError(
+            f"calibration images must be a non-empty float [N, 3, H, W] batch, got {images.dtype} {list(images.shape)}"
+        )
+    return images.detach().to(device="cpu", dtype=torch.float32).contiguous()

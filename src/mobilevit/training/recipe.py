@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from ..data.transforms import AUTO_AUGMENTS
+
 
 @dataclass
 class TrainConfig:
@@ -48,6 +50,19 @@ class TrainConfig:
     hflip: float = 0.5
     random_erase: float = 0.0  # probability of random erasing (a noise-filled rectangle) per training image
     resize_scale: tuple[float, float] = (0.5, 2.0)  # segmentation: random resize relative to the crop, then crop
+    # advanced augmentation (classification only; all off in the paper's recipe)
+    auto_augment: str = "none"  # per image, after the crop: none, randaugment, trivialaugment (torchvision's)
+    randaugment_ops: int = 2  # RandAugment: operations per image
+    randaugment_magnitude: int = 9  # RandAugment: torchvision's 0..30 scale (timm's rand-m9 is about 27)
+    mixup_alpha: float = 0.0  # > 0: MixUp with lambda ~ Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0: CutMix with lambda ~ Beta(alpha, alpha)
+    mix_prob: float = 1.0  # probability that a batch is mixed (when mixup_alpha or cutmix_alpha > 0)
+    mix_switch_prob: float = 0.5  # probability of CutMix rather than MixUp when both are on
+    repeated_aug: int = 1  # > 1: repeated augmentation, each image this many times per epoch (epoch length kept)
+    # knowledge distillation (classification only)
+    teacher: str | None = None  # weights of a trained classifier (path, URL or known name): distil from it
+    distill_alpha: float = 0.5  # loss = (1 - alpha) * hard-label loss + alpha * T^2 * KL(teacher || student)
+    distill_temperature: float = 1.0  # T: softmax temperature of both teacher and student in the KL term
     eval_resize: int = 288
     eval_size: int = 256
     eval_batch: int = 100
@@ -93,9 +108,36 @@ class TrainConfig:
             raise ValueError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("epochs", "base_batch", "base_size", "eval_batch", "eval_size"):
+        for name in ("epochs", "base_batch", "base_size", "eval_batch", "eval_size", "repeated_aug"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.auto_augment in (None, False):  # YAML reads `none` as a string but `null`/`off` as None/False
+            self.auto_augment = "none"
+        if self.auto_augment not in AUTO_AUGMENTS:
+            raise ValueError(f"auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}")
+        if not 0 <= self.randaugment_magnitude <= 30 or self.randaugment_ops < 0:
+            raise ValueError("randaugment_magnitude must be in 0..30 (torchvision's scale) and randaugment_ops >= 0")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        for name in ("mix_prob", "mix_switch_prob", "distill_alpha"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.teacher is not None:
+            self.teacher = str(self.teacher)
+
+    @property
+    def mixing(self) -> bool:
+        """Whether batches are mixed (MixUp or CutMix on)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def classification_only(self) -> list[str]:
+        """The options set here (off by default) that only classification supports."""
+        defaults = TrainConfig.__dataclass_fields__
+        names = ("auto_augment", "mixup_alpha", "cutmix_alpha", "repeated_aug", "teacher")
+        return [n for n in names if getattr(self, n) != defaults[n].default]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,4 +1,5 @@
-"""The one training loop of every task: multi-scale sampler, AdamW + cosine, label smoothing, EMA, AMP, DDP.
+"""The one training loop of every task: multi-scale sampler, AdamW + cosine, label smoothing, EMA, AMP, DDP;
+for classifiers also MixUp / CutMix of the batches and knowledge distillation from a frozen teacher.
 
 What differs between classification and segmentation (data, loss, metrics) is a
 :class:`~mobilevit.training.tasks.Task`, chosen by the model name. Run with ``mobilevit train --config RECIPE`` (one process) or under ``torchrun`` (many GPUs / nodes).
@@ -26,14 +27,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoints.io import atomic_path, save_checkpoint, save_peer
-from ..data.sampler import MultiScaleBatchSampler, multiscale_sizes
+from ..data.sampler import MultiScaleBatchSampler, mix_seed, multiscale_sizes
 from ..factory import create_model
 from ..models.peers import TorchvisionModel
 from . import distributed
 from .evaluate import autocast
 from .optim import ModelEMA, build_optimizer, cosine_lr
 from .recipe import TrainConfig
-from .tasks import task_of
+from .tasks import load_teacher, state_digest, task_of
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Trainer:
         self.cfg = cfg
         self.amp = resolve_amp(cfg.amp, self.device)
         self.task = task_of(cfg.model)
+        self.task.check_config(cfg)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self._build_data()
         self.model = create_model(
@@ -102,6 +104,11 @@ class Trainer:
         ).to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        self.mix = self.task.batch_mix(cfg, len(self.classes))
+        # the teacher: frozen, in eval mode, on every rank (not wrapped in DDP), never saved with the student
+        self.teacher = load_teacher(cfg.teacher, self.classes) if cfg.teacher else None
+        if self.teacher is not None:
+            self.teacher.to(self.device, memory_format=self.memory_format)
         self.ema = ModelEMA(self.model, cfg.ema_momentum, cfg.ema_warmup) if cfg.ema_momentum > 0 else None
         self.net: nn.Module = self.model
         if self.dist.enabled:
@@ -117,6 +124,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.sums = [0.0] * 5  # this process's loss * images, correct, counted (images/pixels), images, skipped
         torch.manual_seed(cfg.seed + 1 + self.dist.rank)  # dropout differs across ranks
+        self.teacher_digest = state_digest(self.teacher) if self.teacher is not None else None
         if state is not None:
             self._load_state(state)
         self.writer = self._tensorboard()
@@ -154,8 +162,9 @@ class Trainer:
             else [(cfg.base_size, cfg.base_batch)]
         )
         self.sampler = MultiScaleBatchSampler(
-            len(self.train_set), sizes=sizes, shuffle=True, seed=cfg.seed, rank=rank, world_size=world, drop_last=True
-        )
+            len(self.train_set), sizes=sizes, shuffle=True, seed=cfg.seed, rank=rank, world_size=world, drop_last=True,
+            repeats=cfg.repeated_aug,
+        )  # fmt: skip
         pin = self.device.type == "cuda"
         # loaders get their own generator: creating an iterator must not consume the global (dropout) RNG
         self.loader = DataLoader(
@@ -217,12 +226,18 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ranks": ranks,
+            "teacher_digest": self.teacher_digest,  # the teacher itself is not saved
         }
         with atomic_path(self.out / "last.pt") as tmp:
             torch.save(state, tmp)
         self.saved_step = self.run.step
 
     def _load_state(self, state: dict[str, Any]) -> None:
+        if state.get("teacher_digest") != self.teacher_digest:
+            raise ValueError(
+                f"--resume continues the run in {self.out} exactly, but the weights in teacher={self.cfg.teacher} "
+                "are not those the run started with"
+            )
         self.model.load_state_dict(state["model"])
         if self.ema and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
@@ -259,6 +274,9 @@ class Trainer:
                 cfg.model, self.task.name, len(self.train_set), len(self.classes), cfg.epochs, self.steps_per_epoch,
                 self.dist.world_size, self.accum, self.amp,
             )  # fmt: skip
+            extras = cfg.classification_only() + (["mix_prob", "mix_switch_prob"] if cfg.mixing else [])
+            if extras:
+                log.info("advanced options: %s", ", ".join(f"{k}={getattr(cfg, k)}" for k in extras))
         last: dict[str, Any] = {}
         try:
             while self.run.epoch < cfg.epochs and not self._reached_max_steps():
@@ -340,12 +358,16 @@ class Trainer:
                 return 0.0, 0.0, 0.0
             images, targets = self.task.placeholder_batch(self.cfg.base_size)
             scale = 0.0
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.device, non_blocking=True)
         targets = self.task.to_device(targets, self.device)
+        if self.mix is not None:  # seeded per (seed, epoch, batch of the epoch, rank): resumable
+            seed = mix_seed(self.cfg.seed, self.run.epoch, self.run.micro, self.dist.rank)
+            images, targets = self.mix(images, targets, seed)
+        images = images.contiguous(memory_format=self.memory_format)
         sync = contextlib.nullcontext() if boundary or not self.dist.enabled else self.net.no_sync()
         with sync:
             with autocast(self.device, self.amp):
-                loss, hits, counted = self.task.forward_loss(self.net, images, targets, self.cfg)
+                loss, hits, counted = self.task.forward_loss(self.net, images, targets, self.cfg, self.teacher)
             # the step's one host sync, before backward: the host then queues backward and the optimizer step
             loss_value, hits_value, counted_value = torch.stack(
                 [loss.detach(), hits.to(loss.dtype), counted.to(device=loss.device, dtype=loss.dtype)]
