@@ -58,7 +58,6 @@ BatchNorm statistics, then the class logits' spread and background level) until 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import io
 import os
@@ -84,6 +83,7 @@ from ..models.flops import count_macs
 from ..models.peers import TorchvisionModel
 from ..models.ssdlite import MobileViTSSDLite
 from .fuse import deploy
+from .runtime import malloc_name, openvino_core
 
 #: Implementations in table order: peers first, then ours.
 IMPLS = (
@@ -216,22 +216,6 @@ class BenchRun:
     def summary(self) -> list[dict[str, Any]]:
         """See :func:`summarize`."""
         return summarize(self.rows, self.floors)
-
-
-def malloc_name() -> str:
-    """The memory allocator of this process: tcmalloc, jemalloc or mimalloc when one is preloaded, else the C library's.
-
-    Large tensors make the allocator matter on CPU: glibc's malloc returns big blocks to the system
-    and faults them in again on the next call (see docs/benchmarks.md).
-    """
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "system malloc"
-    for name in ("tcmalloc", "jemalloc", "mimalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "glibc malloc"
 
 
 #: CPU features that decide which kernels oneDNN, onnxruntime and XNNPACK use: /proc/cpuinfo flags per name.
@@ -667,31 +651,11 @@ def openvino_config(threads: int, precision: str = "fp32") -> dict[str, Any]:
     }
 
 
-def allow_openvino_with_preloaded_malloc() -> None:
-    """Let OpenVINO run under a preloaded allocator (tcmalloc, jemalloc): set ``TBB_ENABLE_SANITIZERS=1`` first.
-
-    OpenVINO's TBB loads its hwloc binding with ``RTLD_DEEPBIND``; hwloc then frees with the C library's ``free``
-    memory that the preloaded ``malloc`` allocated, and the process aborts ("double free or corruption") in the first
-    ``compile_model``. The variable makes TBB load it without ``RTLD_DEEPBIND`` (oneTBB issues 1636 and 1645). It must
-    be set before OpenVINO first compiles a model in the process.
-    """
-    if malloc_name() not in ("glibc malloc", "system malloc"):
-        os.environ.setdefault("TBB_ENABLE_SANITIZERS", "1")
-
-
-@functools.cache
-def _openvino_core() -> Any:
-    allow_openvino_with_preloaded_malloc()
-    import openvino as ov
-
-    return ov.Core()
-
-
 def _openvino_request(model: Any, threads: int, precision: str = "fp32") -> Callable[[torch.Tensor], Any]:
     """Compile ``model`` (an ``openvino.Model`` or a file OpenVINO reads) for the CPU with :func:`openvino_config`;
     the callable returns its output, or a tuple of its outputs."""
     source = str(model) if isinstance(model, Path) else model
-    compiled = _openvino_core().compile_model(source, "CPU", openvino_config(threads, precision))
+    compiled = openvino_core().compile_model(source, "CPU", openvino_config(threads, precision))
     request = compiled.create_infer_request()
 
     def run(x: torch.Tensor) -> Any:
@@ -832,7 +796,7 @@ def _our_openvino(impl: str, stem: str, size: int, threads: int, workdir: Path, 
 
             from .openvino import DEFAULT_QUANTIZATION, quantize_ir
 
-            fp32 = _openvino_core().read_model(str(exported("openvino", ".fp32.xml", dynamic=True)))
+            fp32 = openvino_core().read_model(str(exported("openvino", ".fp32.xml", dynamic=True)))
             int8 = quantize_ir(fp32, _int8_calibration(size), DEFAULT_QUANTIZATION)
             int8.set_rt_info("int8", ["mobilevit", "precision"])
             ov.save_model(int8, str(path), compress_to_fp16=False)
@@ -962,7 +926,6 @@ def run_bench(
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
     torch.set_num_threads(threads)
-    allow_openvino_with_preloaded_malloc()
     bf16 = has_native_bf16()
     say = progress or (lambda _msg: None)
     say("measuring the arithmetic floors")

@@ -61,10 +61,39 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def malloc_name() -> str:
+    """The memory allocator of this process: tcmalloc, jemalloc or mimalloc when one is preloaded, else the C library's.
+
+    Large tensors make the allocator matter on CPU: glibc's malloc returns big blocks to the system
+    and faults them in again on the next call (see docs/benchmarks.md).
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system malloc"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc malloc"
+
+
+@functools.cache
+def openvino_core() -> Any:
+    """The process's OpenVINO ``Core``, made safe under a preloaded allocator (tcmalloc, jemalloc) first.
+
+    OpenVINO's TBB loads its hwloc binding with ``RTLD_DEEPBIND``; hwloc then frees with the C library's ``free``
+    memory that the preloaded ``malloc`` allocated, and the process aborts ("double free or corruption") in the first
+    ``compile_model``. ``TBB_ENABLE_SANITIZERS=1`` makes TBB load it without ``RTLD_DEEPBIND`` (oneTBB issues 1636
+    and 1645); it must be set before OpenVINO first compiles a model in the process, so every Core comes from here.
+    """
+    if malloc_name() not in ("glibc malloc", "system malloc"):
+        os.environ.setdefault("TBB_ENABLE_SANITIZERS", "1")
+    return _require("openvino", "running OpenVINO files").Core()
+
+
 def bf16_support() -> tuple[bool, list[str]]:
     """Whether OpenVINO computes in bf16 on this CPU, and the bf16 flags :data:`BF16_CPU_FLAGS` it has."""
-    ov = _require("openvino", "running OpenVINO files")
-    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    capabilities = openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return "BF16" in capabilities, [f for f in BF16_CPU_FLAGS if f in _cpu_flags()]
 
 
@@ -270,11 +299,6 @@ class _OnnxRunner(_Runner):
 
 class _OpenVINORunner(_Runner):
     def __init__(self, path: Path, threads: int | None, precision: str | None):
-        if "malloc" in os.environ.get(
-            "LD_PRELOAD", ""
-        ):  # tcmalloc/jemalloc: see bench.allow_openvino_with_preloaded_malloc
-            os.environ.setdefault("TBB_ENABLE_SANITIZERS", "1")
-        ov = _require("openvino", "running OpenVINO files")
         weights = path.with_suffix(".bin")
         _check_ir_xml(path)
         if not weights.is_file():
@@ -282,7 +306,7 @@ class _OpenVINORunner(_Runner):
                 f"{path}: its weights file {weights.name} is missing; keep the .xml and .bin of an OpenVINO IR "
                 "together (or export it again with `mobilevit export --format openvino`)"
             )
-        core = ov.Core()
+        core = openvino_core()
         try:
             model = core.read_model(str(path))
         except Exception as exc:
