@@ -38,6 +38,8 @@ def test_deploy_folds_batchnorm_and_leaves_original_alone():
     fast = mv.deploy(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 30
+    # LayerNorm affines folded into the Linear layers after them: only the normalisation is left
+    assert not any(isinstance(m, nn.LayerNorm) for m in fast.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not fast.training and not any(p.requires_grad for p in fast.parameters())
     assert fast.num_classes == 10 and fast.config == model.config

@@ -14,6 +14,7 @@ import mobilevit as mv
 from conftest import randomize, write_mnist
 from mobilevit.cli import main
 from mobilevit.deployment import openvino as ovx
+from mobilevit.deployment import runtime
 from mobilevit.deployment.export import ExportError, export_model, onnx_detections
 from mobilevit.deployment.runtime import ExportedFileError, bf16_support, load_exported
 from test_detection_deploy import assert_same_detections
@@ -125,6 +126,22 @@ def test_int8_ir_keeps_the_predictions(trained, fp32_ir, int8_ir):
     assert (int8.argmax(1) == y).float().mean() > 0.93
     error = ((int8 - fp32).norm() / fp32.norm()).item()
     assert 0 < error < 0.2  # quantized (not the fp32 graph), and close
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "avx_vnni"}, {"avx512f", "avx512_vnni"}])
+def test_int8_files_warn_on_cpus_without_int8_dot_products(int8_ir, fp32_ir, flags, monkeypatch, recwarn):
+    """On AVX2 CPUs without VNNI int8 runs no faster than fp32: loading an int8 file there says so; fp32 files
+    and CPUs with VNNI load silently."""
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    load_exported(fp32_ir)
+    assert not [w for w in recwarn if "int8" in str(w.message)]
+    load_exported(int8_ir)
+    said = [str(w.message) for w in recwarn if "int8" in str(w.message)]
+    if flags & set(runtime.INT8_CPU_FLAGS):
+        assert not said and runtime.int8_support() == (True, sorted(flags & set(runtime.INT8_CPU_FLAGS)))
+    else:
+        assert len(said) == 1 and "no int8 dot-product instructions" in said[0] and "avx512_vnni" in said[0]
+        assert runtime.int8_support() == (False, [])
 
 
 def test_a_broken_quantization_is_refused_and_nothing_is_replaced(trained, tmp_path, monkeypatch):

@@ -1,17 +1,14 @@
 """Export to OpenVINO IR (``.xml`` + ``.bin``) in fp32, bf16 (a runtime hint) or int8 (NNCF post-training quantization).
 
-**Route.** The model is exported to ONNX in its size-agnostic inference form
-(:func:`~mobilevit.deployment.export.export_onnx` with ``dynamic_size=True``: checked against PyTorch in
-onnxruntime at two sizes), converted with ``openvino.convert_model``, and its H and W fixed with
-``Model.reshape`` unless ``dynamic_size``. Measured on this 2-core AVX2 CPU (2 threads, median of interleaved
-rounds, ms for batch 1 / 8), the three routes compile to equally fast models: XXS at 64 px: fixed-size ONNX
-graph 5.2 / 18.0, size-agnostic ONNX graph reshaped 4.5 / 16.9, ``convert_model(deploy(model),
-example_input=...)`` 4.0 / 17.9; at 224 px 34.8 / 125, 31.1 / 123, 29.5 / 138 (an earlier run: S at 256 px,
-fixed-size ONNX graph 95.8 / 750 against the PyTorch route 101.1 / 744). The size-agnostic ONNX graph is taken
-because it shares one graph with the ONNX export, including dynamic H and W and a detector's in-graph
-``NonMaxSuppression`` (``postprocess``), which OpenVINO's ONNX front end converts (same selections as
-onnxruntime), and the TorchScript-based ONNX exporter it goes through is the faster one to run (about 3 s
-against 10 s for XXS).
+**Route.** The inference form (:func:`mobilevit.deploy`, applied here to a model in training form) is exported
+to ONNX (:func:`~mobilevit.deployment.export.export_onnx`, batch dynamic, H and W fixed unless
+``dynamic_size``) and converted with ``openvino.convert_model``. The ONNX route shares the graph of the ONNX
+export, including dynamic H and W and a detector's in-graph ``NonMaxSuppression`` (``postprocess``), which
+OpenVINO's ONNX front end converts (same selections as onnxruntime). A fixed-size graph has no resize in its
+MobileViT blocks; the size-agnostic one resizes by an identity in each (two ``Interpolate`` per block, 1-2%
+of the time at 256x256: ``benchmarks/openvino_graph.py``). Converting ``deploy(model)`` directly
+(``convert_model(model, example_input=...)``) compiled to an equally fast model (within 1% on XS at
+256x256, batch 1 and 8).
 
 **Batch.** The batch axis of the IR is always dynamic, whatever ``dynamic`` says (``batch_size`` is then the
 batch the file is checked at). With a fully static input shape OpenVINO 2026.4.1 computes wrong attention
@@ -55,6 +52,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..models.backbone import MobileViT
+from ..models.deeplabv3 import MobileViTDeepLabV3
+from ..models.ssdlite import MobileViTSSDLite
 from .export import (
     PARITY_TOL,
     DetectionGraph,
@@ -73,6 +73,7 @@ from .export import (
     _weights_preprocess,
     export_onnx,
 )
+from .fuse import deploy
 
 log = logging.getLogger(__name__)
 
@@ -169,28 +170,26 @@ def export_openvino(
         )
     elif calibration is not None:
         raise ExportError("calibration images are for precision='int8'")
+    if isinstance(model, (MobileViT, MobileViTDeepLabV3, MobileViTSSDLite)):
+        model = deploy(model, channels_last=False)
     reference = _prepare(model, size_agnostic=dynamic_size)
     if task == "detection":
         reference = DetectionGraph(reference, postprocess=postprocess)
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        onnx_file = export_onnx(  # the size-agnostic graph, H and W symbolic; fixed below unless dynamic_size
+        onnx_file = export_onnx(
             model,
             work / "model.onnx",
             image_size=image_size,
             dynamic=True,  # always: see "Batch" above
             batch_size=batch_size,
-            dynamic_size=True,
+            dynamic_size=dynamic_size,
             postprocess=postprocess,
         )
         with _converting("OpenVINO"):
             ov_model = ov.convert_model(str(onnx_file))
-            if not dynamic_size:
-                ov_model.reshape({0: [-1, 3, *image_size]})
         metadata = _onnx_metadata(onnx_file)
-        if not dynamic_size:
-            metadata["image_size"] = f"{image_size[0]}x{image_size[1]}"
         if images is not None:
             ov_model = quantize_ir(ov_model, images, quantization or DEFAULT_QUANTIZATION)
         metadata |= {"precision": precision, "inference_precision": "bf16" if precision == "bf16" else "f32"}
