@@ -910,6 +910,14 @@ def _check_args(
     return path
 
 
+def _inference_form(model: nn.Module) -> nn.Module:
+    """``deploy(model, channels_last=False)`` for a MobileViT classifier, segmentation model or detector in
+    training form; any other module (an inference form already, a peer) as it is."""
+    if isinstance(model, (MobileViT, MobileViTDeepLabV3, MobileViTSSDLite)):
+        return deploy(model, channels_last=False)
+    return model
+
+
 def _prepare(model: nn.Module, size_agnostic: bool = False) -> nn.Module:
     """A CPU float32 eval-mode copy of ``model`` without gradients (the caller's model is untouched).
 
@@ -921,8 +929,7 @@ def _prepare(model: nn.Module, size_agnostic: bool = False) -> nn.Module:
         raise ExportError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     if size_agnostic:
-        if isinstance(model, (MobileViT, MobileViTDeepLabV3, MobileViTSSDLite)):
-            model = deploy(model, channels_last=False)
+        model = _inference_form(model)
         fuse.size_agnostic(model)
     model.to(memory_format=torch.contiguous_format)
     for p in model.parameters():

@@ -52,9 +52,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models.backbone import MobileViT
-from ..models.deeplabv3 import MobileViTDeepLabV3
-from ..models.ssdlite import MobileViTSSDLite
 from .export import (
     PARITY_TOL,
     DetectionGraph,
@@ -65,6 +62,7 @@ from .export import (
     _default_size,
     _difference,
     _example,
+    _inference_form,
     _other_size,
     _outputs,
     _prepare,
@@ -73,7 +71,6 @@ from .export import (
     _weights_preprocess,
     export_onnx,
 )
-from .fuse import deploy
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +167,7 @@ def export_openvino(
         )
     elif calibration is not None:
         raise ExportError("calibration images are for precision='int8'")
-    if isinstance(model, (MobileViT, MobileViTDeepLabV3, MobileViTSSDLite)):
-        model = deploy(model, channels_last=False)
+    model = _inference_form(model)
     reference = _prepare(model, size_agnostic=dynamic_size)
     if task == "detection":
         reference = DetectionGraph(reference, postprocess=postprocess)

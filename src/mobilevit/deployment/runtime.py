@@ -105,13 +105,15 @@ def int8_support() -> tuple[bool, list[str]]:
     return bool(have), have
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's flags from ``/proc/cpuinfo`` (read once per process; empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.partition(":")[2].split())
+    return frozenset(line.partition(":")[2].split())
 
 
 class ExportedModel(nn.Module):
@@ -363,8 +365,9 @@ class _OpenVINORunner(_Runner):
         self.num_classes = dim.get_length() if dim is not None and dim.is_static else None
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        # share_inputs: OpenVINO reads the tensor's memory instead of copying it first (1-2 ms per call at 256x256)
-        self.request.infer({0: x.contiguous().numpy()}, share_inputs=True)
+        # share_inputs: OpenVINO reads the (contiguous) tensor's memory instead of copying it first (1-2 ms per
+        # call at 256x256)
+        self.request.infer({0: x.numpy()}, share_inputs=True)
         return tuple(
             torch.from_numpy(np.array(self.request.get_output_tensor(i).data)) for i in range(len(self.output_names))
         )
