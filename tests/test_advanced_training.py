@@ -75,7 +75,11 @@ def test_option_values_are_checked():
 
 @pytest.mark.parametrize(
     "recipe, option",
-    [("mobilevit_xxs_deeplabv3_scenes", {"mixup_alpha": 0.2}), ("mobilevit_xxs_ssdlite_scenes", {"teacher": "t"})],
+    [
+        ("mobilevit_xxs_deeplabv3_scenes", {"mixup_alpha": 0.2}),
+        ("mobilevit_xxs_ssdlite_scenes", {"teacher": "t"}),
+        ("mobilevit_xxs_deeplabv3_scenes", {"data_on_device": True}),
+    ],
 )
 def test_dense_tasks_refuse_the_classification_only_options(tmp_path: Path, recipe: str, option: dict):
     cfg = load_recipe(recipe, {"data": str(tmp_path / "none"), "output": str(tmp_path / "run"), **option})

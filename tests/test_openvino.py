@@ -132,7 +132,7 @@ def test_int8_ir_keeps_the_predictions(trained, fp32_ir, int8_ir):
 def test_int8_files_warn_on_cpus_without_int8_dot_products(int8_ir, fp32_ir, flags, monkeypatch, recwarn):
     """On AVX2 CPUs without VNNI int8 runs no faster than fp32: loading an int8 file there says so; fp32 files
     and CPUs with VNNI load silently."""
-    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
     load_exported(fp32_ir)
     assert not [w for w in recwarn if "int8" in str(w.message)]
     load_exported(int8_ir)

@@ -219,3 +219,31 @@ def test_files_without_metadata_need_metadata_from(capsys, exported, checkpoint,
     assert code == 2 and "--precision and --metadata-from are for exported files" in err
     code, _, err = _run(capsys, *predict, "--weights", exported["onnx"], "--model", "mobilevit_s")
     assert code == 2 and "--model is for checkpoints" in err
+
+
+def test_cpu_fields_read_the_first_processor_and_name_its_features(tmp_path, monkeypatch):
+    """/proc/cpuinfo: the first processor's block (x86 ``flags``, Arm ``Features``) decides the features the bench
+    tables name and whether int8 files warn."""
+    from mobilevit.deployment import bench, runtime
+
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 fma avx512f avx512_vnni\n\n"
+        "processor\t: 1\nmodel name\t: Other CPU\nflags\t\t: fpu\n"
+    )
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    read = runtime.cpu_fields.__wrapped__  # uncached
+    assert read(str(x86))["model name"] == "Test CPU"
+    assert read(str(tmp_path / "missing")) == {}
+    for path, flags in [(x86, {"fpu", "avx2", "fma", "avx512f", "avx512_vnni"}), (arm, {"fp", "asimd", "bf16"})]:
+        monkeypatch.setattr(runtime, "cpu_fields", lambda path=str(path): read(path))
+        assert runtime.cpu_flags() == flags
+    monkeypatch.setattr(bench, "cpu_fields", lambda: read(str(x86)))
+    monkeypatch.setattr(bench, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
+    info = bench.cpu_info()
+    assert info["model"] == "Test CPU"
+    assert info["features"] == {"AVX2": True, "FMA": True, "AVX-512": True, "VNNI": True, "BF16": False, "AMX": False}
+    assert "Test CPU" in bench.describe_cpu(info) and "(no BF16 AMX)" in bench.describe_cpu(info)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert runtime.int8_support() == (False, [])

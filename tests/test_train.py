@@ -269,11 +269,15 @@ def _run(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("advanced", [False, True], ids=["paper", "advanced"])
-def test_resume_after_kill_matches_an_uninterrupted_run(mnist: Path, tmp_path: Path, advanced: bool):
+@pytest.mark.parametrize("variant", ["paper", "advanced", "data_on_device"])
+def test_resume_after_kill_matches_an_uninterrupted_run(mnist: Path, tmp_path: Path, variant: str):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "mobilevit", "train", "--config", RECIPE]
-    common = dict(epochs=6, checkpoint_every_steps=2) | (advanced_options(tmp_path) if advanced else {})
+    common: dict[str, object] = dict(epochs=6, checkpoint_every_steps=2)
+    if variant == "advanced":
+        common |= advanced_options(tmp_path)
+    elif variant == "data_on_device":  # batches augmented in one go (plans drawn by a worker process)
+        common |= dict(data_on_device=True, random_erase=0.5, workers=1)
     full = _run([*cmd, *cli_args(tiny(mnist, tmp_path / "full", **common))], env)
     killed = _run([*cmd, *cli_args(tiny(mnist, tmp_path / "killed", **common))], env)
     steps = tmp_path / "killed" / "steps.csv"

@@ -204,29 +204,57 @@ class TrainTransform:
             w = round(height * self.ratio[1])
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(
-        self, image: Image.Image | Tensor, size: int | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        image = _as_uint8_chw(image)
+    def plan(
+        self, height: int, width: int, channels: int, size: int | None = None, generator: torch.Generator | None = None
+    ) -> AugmentPlan:
+        """Every random choice of the augmentation of one ``channels x height x width`` image, drawn from ``generator``
+        in a fixed order (crop and flip, the auto-augment seed, erasing): :meth:`__call__` and the batched
+        :mod:`mobilevit.data.device` path draw the same plan for the same seed."""
         uniforms = torch.rand(4 * _ATTEMPTS + 1, generator=generator).tolist()
-        top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], uniforms)
-        crop = image[:, top : top + h, left : left + w]
-        if uniforms[-1] < self.hflip:
-            crop = crop.flip(-1)
         side = size or self.size
-        out = _resize(crop, (side, side), self.interpolation)
-        if self._augment is not None:  # on the crop's own channels (one for grayscale), then broadcast again
-            augmented = apply_auto_augment(self._augment, out[: crop.shape[0]], random_seed(generator))
-            out = augmented.expand(3, -1, -1) if augmented.shape[0] == 1 else augmented
+        plan = AugmentPlan(self.crop_box(height, width, uniforms), uniforms[-1] < self.hflip, side)
+        if self._augment is not None:
+            plan.augment_seed = random_seed(generator)
         if self.erase and torch.rand(1, generator=generator).item() < self.erase:
             box = _random_box(
                 side, side, self.erase_scale, self.erase_ratio, torch.rand(4 * _ATTEMPTS, generator=generator).tolist()
             )
             if box is not None:
-                top, left, h, w = box
-                out = out.clone()  # may be an expanded grayscale view
-                out[:, top : top + h, left : left + w] = torch.rand(image.shape[0], h, w, generator=generator)
+                plan.erase_box = box
+                plan.erase_noise = torch.rand(channels, box[2], box[3], generator=generator)
+        return plan
+
+    def __call__(
+        self, image: Image.Image | Tensor, size: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        image = _as_uint8_chw(image)
+        plan = self.plan(image.shape[-2], image.shape[-1], image.shape[0], size, generator)
+        top, left, h, w = plan.crop
+        crop = image[:, top : top + h, left : left + w]
+        if plan.flip:
+            crop = crop.flip(-1)
+        out = _resize(crop, (plan.size, plan.size), self.interpolation)
+        if plan.augment_seed is not None:  # on the crop's own channels (one for grayscale), then broadcast again
+            augmented = apply_auto_augment(self._augment, out[: crop.shape[0]], plan.augment_seed)
+            out = augmented.expand(3, -1, -1) if augmented.shape[0] == 1 else augmented
+        if plan.erase_box is not None:
+            top, left, h, w = plan.erase_box
+            out = out.clone()  # may be an expanded grayscale view
+            out[:, top : top + h, left : left + w] = plan.erase_noise
         return out
+
+
+@dataclass
+class AugmentPlan:
+    """The random choices of :class:`TrainTransform` for one image: crop ``(top, left, h, w)``, mirroring, output
+    ``size``, the seed of its auto-augmentation (None: off) and the erased box with its noise ``[C, h, w]``."""
+
+    crop: tuple[int, int, int, int]
+    flip: bool
+    size: int
+    augment_seed: int | None = None
+    erase_box: tuple[int, int, int, int] | None = None
+    erase_noise: Tensor | None = None
 
 
 def _random_box(
@@ -317,6 +345,11 @@ class ImageDataset(SampleView):
             return self.transform(image), self.targets[index]
         return self.transform(image, size, torch.Generator().manual_seed(aug_seed)), self.targets[index]
 
+    def in_memory(self) -> Tensor | None:
+        """This subset's images as one uint8 ``[N, C, H, W]`` tensor when the dataset holds them in memory, else None
+        (see :mod:`mobilevit.data.device`)."""
+        return None
+
     def _pixels(self, source: int) -> Image.Image | Tensor:
         return self._load(source)
 
@@ -353,6 +386,9 @@ class FashionMNIST(ImageDataset):
         self.classes = list(FASHION_MNIST_CLASSES)
         self.images = torch.from_numpy(images)
         super().__init__(labels, transform)
+
+    def in_memory(self) -> Tensor:
+        return self.images[torch.from_numpy(self.indices)][:, None]
 
     def _pixels(self, source: int) -> Tensor:
         return self.images[source][None]

@@ -83,7 +83,7 @@ from ..models.flops import count_macs
 from ..models.peers import TorchvisionModel
 from ..models.ssdlite import MobileViTSSDLite
 from .fuse import deploy
-from .runtime import malloc_name, openvino_core
+from .runtime import BF16_CPU_FLAGS, INT8_CPU_FLAGS, cpu_fields, cpu_flags, malloc_name, openvino_core
 
 #: Implementations in table order: peers first, then ours.
 IMPLS = (
@@ -223,29 +223,18 @@ _CPU_FEATURES = {
     "AVX2": ("avx2",),
     "FMA": ("fma",),
     "AVX-512": ("avx512f",),
-    "VNNI": ("avx512_vnni", "avx_vnni"),
-    "BF16": ("avx512_bf16", "amx_bf16"),
+    "VNNI": INT8_CPU_FLAGS,
+    "BF16": BF16_CPU_FLAGS,
     "AMX": ("amx_tile",),
 }
 
 
 def cpu_info() -> dict[str, Any]:
     """The CPU model, its logical CPUs, which of AVX2/FMA/AVX-512/VNNI/BF16/AMX it reports, and torch's CPU kernel level."""
-    name: str | None = None
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and name is None:
-                name = value
-            elif key == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux
-        pass
-    name = name or platform.processor() or platform.machine()
+    flags = cpu_flags()
     features = {feature: any(f in flags for f in names) for feature, names in _CPU_FEATURES.items()}
     return {
-        "model": name,
+        "model": cpu_fields().get("model name") or platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
         "features": features if flags else {},
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
@@ -285,7 +274,7 @@ def sgemm_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
 
 
 def has_native_bf16(info: dict[str, Any] | None = None) -> bool:
-    """Whether the CPU computes in bf16 natively (avx512_bf16 or amx_bf16); runtimes emulate it elsewhere."""
+    """Whether the CPU computes in bf16 natively (one of :data:`~.runtime.BF16_CPU_FLAGS`); runtimes emulate it elsewhere."""
     return bool((info or cpu_info())["features"].get("BF16"))
 
 

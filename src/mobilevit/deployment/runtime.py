@@ -96,24 +96,36 @@ def openvino_core() -> Any:
 def bf16_support() -> tuple[bool, list[str]]:
     """Whether OpenVINO computes in bf16 on this CPU, and the bf16 flags :data:`BF16_CPU_FLAGS` it has."""
     capabilities = openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return "BF16" in capabilities, [f for f in BF16_CPU_FLAGS if f in _cpu_flags()]
+    return "BF16" in capabilities, [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
 
 
 def int8_support() -> tuple[bool, list[str]]:
     """Whether this CPU has int8 dot-product instructions (:data:`INT8_CPU_FLAGS`), and which of them."""
-    have = [f for f in INT8_CPU_FLAGS if f in _cpu_flags()]
+    have = [f for f in INT8_CPU_FLAGS if f in cpu_flags()]
     return bool(have), have
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU's flags from ``/proc/cpuinfo`` (read once per process; empty where there is none)."""
+def cpu_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (``model name``, ``flags``, ...), read once per process;
+    empty where there is none."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(path).read_text()
     except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return frozenset(line.partition(":")[2].split())
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends here
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags (``/proc/cpuinfo``'s ``flags``, ``Features`` on Arm; empty where unknown)."""
+    fields = cpu_fields()
+    return frozenset(fields.get("flags", fields.get("Features", "")).split())
 
 
 class ExportedModel(nn.Module):
@@ -252,7 +264,7 @@ def load_exported(path: str | os.PathLike, threads: int | None = None, precision
         "executorch": _ExecuTorchRunner,
     }
     runner = runners[fmt](path, threads, precision)
-    if runner.metadata.get("precision") == "int8" and _cpu_flags() and not int8_support()[0]:
+    if runner.metadata.get("precision") == "int8" and cpu_flags() and not int8_support()[0]:
         warnings.warn(
             f"{path.name} is int8, but this CPU has no int8 dot-product instructions ({' / '.join(INT8_CPU_FLAGS)}): "
             "int8 runs at fp32 speed or slower here (docs/results/openvino_int8_search.md); the fp32 file is the "

@@ -37,6 +37,7 @@ class TrainConfig:
     val_fraction: float = 0.0  # > 0: hold out this share of the training images for validation
     val_split: str | None = "val"  # otherwise validate on this split of `data` (None: no validation)
     workers: int = 4
+    data_on_device: bool = False  # in-memory data (Fashion-MNIST) held and augmented on the device, a batch at once
     # multi-scale variable-batch sampler (batch sizes are per process)
     base_size: int = 256
     base_batch: int = 128
@@ -136,7 +137,7 @@ class TrainConfig:
     def classification_only(self) -> list[str]:
         """The options set here (off by default) that only classification supports."""
         defaults = TrainConfig.__dataclass_fields__
-        names = ("auto_augment", "mixup_alpha", "cutmix_alpha", "repeated_aug", "teacher")
+        names = ("auto_augment", "mixup_alpha", "cutmix_alpha", "repeated_aug", "teacher", "data_on_device")
         return [n for n in names if getattr(self, n) != defaults[n].default]
 
     def to_dict(self) -> dict[str, Any]:

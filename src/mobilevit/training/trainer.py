@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoints.io import atomic_path, save_checkpoint, save_peer
+from ..data.device import DeviceBatches, cache_batches
 from ..data.sampler import MultiScaleBatchSampler, mix_seed, multiscale_sizes
 from ..factory import create_model
 from ..models.peers import TorchvisionModel
@@ -40,8 +41,9 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "mobilevit-train-state"
 STEP_FIELDS = ["step", "epoch", "size", "batch", "lr", "loss"]
-# options that may differ between a run and its resumption (they do not change the numbers)
-RESUME_MAY_CHANGE = {"workers", "device", "progress", "tensorboard", "max_steps", "log_every", "checkpoint_every_steps"}
+# options that may differ between a run and its resumption (they change the numbers by float rounding at most)
+RESUME_MAY_CHANGE = {"workers", "device", "data_on_device", "progress", "tensorboard", "max_steps", "log_every",
+                     "checkpoint_every_steps"}  # fmt: skip
 
 
 class TrainingDiverged(RuntimeError):
@@ -181,6 +183,10 @@ class Trainer:
                 pin_memory=pin,
                 generator=torch.Generator(),
             )
+        if cfg.data_on_device:  # the same batches (up to float rounding), made on the device
+            self.loader = DeviceBatches(self.train_set, self.sampler, self.device, cfg.workers)
+            if self.val_loader is not None:
+                self.val_loader = cache_batches(self.val_loader, self.device)
 
     def _tensorboard(self) -> Any:
         if not (self.cfg.tensorboard and self.dist.is_main):
