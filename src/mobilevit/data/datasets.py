@@ -224,6 +224,10 @@ class TrainTransform:
                 plan.erase_noise = torch.rand(channels, box[2], box[3], generator=generator)
         return plan
 
+    def augment(self, image: Tensor, seed: int) -> Tensor:
+        """The auto-augmentation (on) of a float ``[C, H, W]`` image in [0, 1], its choices following ``seed``."""
+        return apply_auto_augment(self._augment, image, seed)
+
     def __call__(
         self, image: Image.Image | Tensor, size: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -235,7 +239,7 @@ class TrainTransform:
             crop = crop.flip(-1)
         out = _resize(crop, (plan.size, plan.size), self.interpolation)
         if plan.augment_seed is not None:  # on the crop's own channels (one for grayscale), then broadcast again
-            augmented = apply_auto_augment(self._augment, out[: crop.shape[0]], plan.augment_seed)
+            augmented = self.augment(out[: crop.shape[0]], plan.augment_seed)
             out = augmented.expand(3, -1, -1) if augmented.shape[0] == 1 else augmented
         if plan.erase_box is not None:
             top, left, h, w = plan.erase_box

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import AugmentPlan, ImageDataset, TrainTransform
 from .sampler import SampleKey
-from .transforms import apply_auto_augment
 
 
 def _triangle(x: Tensor) -> Tensor:
@@ -147,7 +146,7 @@ class DeviceBatches:
         if tf.interpolation == "bicubic":
             out = out.clamp_(0, 1)
         for i in (batch.augment_seed >= 0).nonzero().flatten().tolist():
-            out[i] = apply_auto_augment(tf._augment, out[i], int(batch.augment_seed[i]))
+            out[i] = tf.augment(out[i], int(batch.augment_seed[i]))
         erased = (batch.erase[:, 0] >= 0).nonzero().flatten().tolist()
         noise, offset = batch.noise.to(dev), 0
         for i in erased:
