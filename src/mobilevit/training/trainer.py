@@ -282,7 +282,7 @@ class Trainer:
             )  # fmt: skip
             extras = cfg.classification_only() + (["mix_prob", "mix_switch_prob"] if cfg.mixing else [])
             if extras:
-                log.info("advanced options: %s", ", ".join(f"{k}={getattr(cfg, k)}" for k in extras))
+                log.info("options beyond the paper's recipe: %s", ", ".join(f"{k}={getattr(cfg, k)}" for k in extras))
         last: dict[str, Any] = {}
         try:
             while self.run.epoch < cfg.epochs and not self._reached_max_steps():
