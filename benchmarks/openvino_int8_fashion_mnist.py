@@ -30,7 +30,7 @@ import torch
 import mobilevit as mv
 from mobilevit.cli import load_model
 from mobilevit.data.datasets import build_dataset, split_holdout
-from mobilevit.deployment.bench import cpu_info
+from mobilevit.deployment.bench import cpu_info, has_native_bf16
 from mobilevit.deployment.export import export_model
 from mobilevit.deployment.openvino import DEFAULT_QUANTIZATION, QuantizationSettings, quantize_ir
 from mobilevit.deployment.quantize import calibration_images
@@ -55,6 +55,8 @@ SETTINGS = {
     ),
 }
 assert SETTINGS["conv-only, full bias correction"] == DEFAULT_QUANTIZATION
+#: suffix of the rows run with OpenVINO's bf16 inference precision (``--bf16``)
+BF16 = ", rest in bf16"
 
 
 def top1(compiled, images: torch.Tensor, labels: torch.Tensor, batch: int = 100) -> tuple[float, torch.Tensor]:
@@ -62,6 +64,17 @@ def top1(compiled, images: torch.Tensor, labels: torch.Tensor, batch: int = 100)
         [torch.from_numpy(compiled(images[i : i + batch].numpy())[0]) for i in range(0, len(images), batch)]
     )
     return 100 * (logits.argmax(1) == labels).float().mean().item(), logits
+
+
+def accuracy(compiled, data: dict, ref: dict) -> dict[str, float]:
+    """Top-1, top-1 agreement with fp32 and relative L2 error of the logits on each split of ``data``."""
+    row = {}
+    for s, (images, labels) in data.items():
+        acc, logits = top1(compiled, images, labels)
+        row[s] = acc
+        row[f"{s}_agreement"] = 100 * (logits.argmax(1) == ref[s][1].argmax(1)).float().mean().item()
+        row[f"{s}_rel_error"] = ((logits - ref[s][1]).norm() / ref[s][1].norm()).item()
+    return row
 
 
 def speed(models: dict[str, object], images: torch.Tensor, batch: int, rounds: int = 6) -> dict[str, float]:
@@ -103,6 +116,12 @@ def main() -> None:
         help="a name of SETTINGS to try; repeat for more (default all)",
     )
     p.add_argument("--no-cli", action="store_true", help="skip the command-line export and eval of the defaults")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also run the fp32 IR and every int8 setting with OpenVINO's bf16 inference precision (the layers left "
+        "in float run in bf16; needs a CPU with native bf16: AVX-512 BF16 or AMX)",
+    )
     args = p.parse_args()
     import openvino as ov
 
@@ -116,6 +135,9 @@ def main() -> None:
         "INFERENCE_PRECISION_HINT": "f32",
     }
     names = args.settings or list(SETTINGS)
+    if args.bf16 and not has_native_bf16():
+        p.error("--bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX)")
+    hints = {"": config} | ({BF16: config | {"INFERENCE_PRECISION_HINT": "bf16"}} if args.bf16 else {})
     report = {
         "cpu": cpu_info(),
         "openvino": ov.__version__,
@@ -146,19 +168,17 @@ def main() -> None:
         rows = []
         ref = {s: top1(compiled["fp32"], *data[s]) for s in data}
         rows.append({"settings": "fp32", **{s: ref[s][0] for s in data}})
+
+        variants = [("bf16", fp32, hints[BF16], {"inference_precision": "bf16"})] if BF16 in hints else []
         for name in names:
             t = time.time()
             q = quantize_ir(fp32.clone(), calib, SETTINGS[name])
-            seconds = time.time() - t
-            compiled[name] = core.compile_model(q, "CPU", config)
-            row = {"settings": name, "quantize_s": round(seconds, 1), **SETTINGS[name].to_dict()}
-            for s in data:
-                acc, logits = top1(compiled[name], *data[s])
-                row[s] = acc
-                row[f"{s}_agreement"] = 100 * (logits.argmax(1) == ref[s][1].argmax(1)).float().mean().item()
-                row[f"{s}_rel_error"] = ((logits - ref[s][1]).norm() / ref[s][1].norm()).item()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            extra = {"quantize_s": round(time.time() - t, 1), **SETTINGS[name].to_dict()}
+            variants += [(name + suffix, q, cfg, extra) for suffix, cfg in hints.items()]
+        for label, ir, cfg, extra in variants:
+            compiled[label] = core.compile_model(ir, "CPU", cfg)
+            rows.append({"settings": label, **extra, **accuracy(compiled[label], data, ref)})
+            print(json.dumps(rows[-1]), flush=True)
         for batch in (1, 64):
             ms = speed(compiled, data["holdout"][0], batch)
             for row in rows:

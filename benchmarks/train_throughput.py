@@ -102,7 +102,7 @@ class TrainStep:
         g = torch.Generator().manual_seed(0)
         self.images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(self.device)
         self.labels = torch.randint(0, 1000, (args.batch_size,), generator=g).to(self.device)
-        self.amp = args.amp and self.device.type == "cuda"
+        self.amp = args.amp
         self.steps_done = 0
         self.rss_before = _rss_mib()
 
@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (on CPU too, where the CPU has bf16)")
     p.add_argument(
         "--teacher",
         help="measure distillation instead of timm: ours without and with this teacher (architecture or weights)",
@@ -253,9 +253,13 @@ def main(argv: list[str] | None = None) -> None:
         speeds = ", ".join(f"{r['library']} {r['images_per_second']:.1f} img/s" for r in pair)
         print(f"{name}: {speeds}", file=sys.stderr)
     versions = {lib: _version(lib) for lib in ("torch", *(("mobilevit",) if args.teacher else LIBRARIES))}
-    amp = " bf16 autocast" if args.amp and args.device == "cuda" else ""
+    amp = " bf16 autocast" if args.amp else ""
     setup = f"batch {args.batch_size} @ {args.image_size}px, {args.device} ({args.threads} threads){amp}"
     setup += f", teacher {args.teacher}" if args.teacher else ""
+    if args.device == "cpu":
+        from mobilevit.deployment.bench import describe_cpu
+
+        setup += f"; CPU: {describe_cpu()}"
     timing = f"median of {args.steps} interleaved steps after {args.warmup} warm-up"
     print(f"\n{setup}, {timing}; " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "\n")
     print(format_table(results, args.device, args.teacher))

@@ -252,6 +252,32 @@ def test_run_bench_keeps_bf16_where_the_cpu_has_it(monkeypatch):
     assert run.summary()[0]["bf16"]["impl"] == "openvino-bf16"
 
 
+def test_bf16_rows_of_peers_and_of_the_int8_file_need_native_bf16_and_stay_out_of_the_fp32_peer(monkeypatch):
+    delays = {"timm": 30, "timm-openvino": 20, "hf-openvino-bf16": 6, "openvino": 15, "openvino-int8": 12}
+    delays |= {"openvino-int8-bf16": 8}
+    run = _fake_run(monkeypatch, delays)
+    assert {r.impl for r in run.rows} == {"timm", "timm-openvino", "openvino", "openvino-int8"}
+    assert any(n.startswith("hf-openvino-bf16 and openvino-int8-bf16 skipped") for n in run.notes)
+    run = _fake_run(monkeypatch, delays, bf16=True)
+    rows = {r.impl: r for r in run.rows}
+    assert rows["hf-openvino-bf16"].precision == "bf16" and rows["openvino-int8-bf16"].precision == "int8"
+    [summary] = run.summary()
+    assert summary["peer"]["impl"] == "timm-openvino"  # the fastest *fp32* peer path, though a bf16 one is faster
+    assert summary["int8"]["impl"] == "openvino-int8-bf16"
+
+
+def test_our_int8_file_runs_its_float_layers_in_bf16_in_the_int8_bf16_row(monkeypatch, workdir):
+    calls = []
+    monkeypatch.setattr(bench, "openvino_core", lambda: pytest.fail("the int8 file is cached"), raising=False)
+    import mobilevit.deployment.runtime as runtime
+
+    monkeypatch.setattr(runtime, "load_exported", lambda path, threads, precision: calls.append((path.name, precision)))
+    (workdir / "m.int8.xml").write_text("")
+    for impl in ("openvino-int8", "openvino-int8-bf16", "openvino-bf16"):
+        bench._our_openvino(impl, "m", 32, 1, workdir, lambda fmt, suffix, **kw: workdir / f"m{suffix}")
+    assert calls == [("m.int8.xml", "fp32"), ("m.int8.xml", "bf16"), ("m.bf16.xml", "bf16")]
+
+
 def _row(model: str, impl: str, ms: float, patches: str | None = "2,2,2", batch: int = 1) -> BenchRow:
     return BenchRow(model, impl, batch, 256, ms, batch / ms * 1e3, None, None, patches, bench.precision_of(impl), 10**9)
 

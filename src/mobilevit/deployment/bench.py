@@ -13,7 +13,8 @@ CPU has native bf16 (avx512_bf16 or amx_bf16): the same two in bf16; int8 with i
 onnxruntime's ``MatMulInteger`` (u8 x s8) and an OpenVINO int8 1x1 convolution). ``torch._int_mm`` is not
 one of them: on CPU it runs a reference kernel (about 1 GOP/s against 50-110 GOP/s for the others, on the
 2-core AVX2 machine this was written on). A row's floor is ``2 * MACs / rate`` of its own precision
-(``onnx-int8`` and ``openvino-int8`` against the int8 rate, ``openvino-bf16`` against bf16, all others fp32).
+(``onnx-int8``, ``openvino-int8`` and ``openvino-int8-bf16`` against the int8 rate, ``openvino-bf16`` against
+bf16, all others fp32).
 :func:`summarize` gives, per (model, batch), the fastest fp32 peer path and our fastest fp32 / bf16 / int8
 rows against it and against their floors.
 
@@ -21,7 +22,8 @@ Classifiers (``mobilevit_xxs`` ...) are compared with timm and Hugging Face on o
 the paths a user of that library would take with *their* model: eager (``timm``, ``hf``),
 ``torch.compile`` (``-compile``; the same inductor settings as ours, frozen weights), a plain
 ``torch.onnx.export`` of their eval model with a dynamic batch axis run in onnxruntime (``-onnx``; the default
-``torch.export``-based exporter, the TorchScript-based one where that fails), and OpenVINO (``-openvino``).
+``torch.export``-based exporter, the TorchScript-based one where that fails), and OpenVINO (``-openvino``; and
+``-openvino-bf16``, the same at the bf16 inference precision that OpenVINO picks by itself on CPUs with AMX).
 OpenVINO can convert their model in two ways, ``openvino.convert_model(model, example_input=x)`` or from
 their ONNX file; both are built and timed for a few calls at each (model, batch), and the faster is kept
 (a note says which): so every peer row is that library's best path. In the runs made while writing this
@@ -30,7 +32,9 @@ the two were within a few percent (from ONNX ahead by 1-10%). Our OpenVINO rows 
 by :func:`~mobilevit.deployment.runtime.load_exported`, with the same CPU settings as the peers'
 (:func:`openvino_config`: fp32 and int8 rows force ``f32`` inference precision, which OpenVINO would otherwise
 lower to bf16 on AMX CPUs). ``openvino-int8`` is quantized by the export's NNCF settings on random images (speed
-only, like ``onnx-int8``); ``openvino-bf16`` is measured only where the CPU has native bf16.
+only, like ``onnx-int8``); ``openvino-int8-bf16`` is the same int8 file run with the ``bf16`` hint, so the layers
+NNCF leaves in float (by default the transformers' matmuls and attention) run in bf16 (``load_exported(path,
+precision="bf16")``). The bf16 rows (ours and the peers') are measured only where the CPU has native bf16.
 
 Segmentation models (``mobilevit_xxs_deeplabv3`` ...) are compared with Hugging Face's
 ``MobileViTForSemanticSegmentation`` (the same architecture, our weights; eager, ``-compile``, ``-onnx``,
@@ -91,10 +95,12 @@ IMPLS = (
     "timm-compile",
     "timm-onnx",
     "timm-openvino",
+    "timm-openvino-bf16",
     "hf",
     "hf-compile",
     "hf-onnx",
     "hf-openvino",
+    "hf-openvino-bf16",
     "tv-deeplabv3",
     "tv-lraspp",
     "tv-ssdlite",
@@ -110,19 +116,20 @@ IMPLS = (
     "openvino",
     "openvino-bf16",
     "openvino-int8",
+    "openvino-int8-bf16",
     "executorch",
     "deploy+post",
     "onnx+post",
 )
-_TIMM = ("timm", "timm-compile", "timm-onnx", "timm-openvino")
-_HF = ("hf", "hf-compile", "hf-onnx", "hf-openvino")
+_TIMM = ("timm", "timm-compile", "timm-onnx", "timm-openvino", "timm-openvino-bf16")
+_HF = ("hf", "hf-compile", "hf-onnx", "hf-openvino", "hf-openvino-bf16")
 #: Peers, built once per (model, batch) at the model's default patch sizes (torchvision's have none).
 PEERS = tuple(i for i in IMPLS if i.startswith(("timm", "hf", "tv-")))
 #: The peers' paths other than eager: (their eager implementation, path).
 _PEER_PATHS = {
     f"{base}-{path}": (base, path)
     for base in ("timm", "hf", "tv-ssdlite")
-    for path in ("compile", "onnx", "openvino")
+    for path in ("compile", "onnx", "openvino", "openvino-bf16")
     if f"{base}-{path}" in IMPLS
 }
 _DETECTION_ONLY = (
@@ -140,7 +147,11 @@ _NOT_FOR = {
     "detection": (*_TIMM, *_HF, "tv-deeplabv3", "tv-lraspp", "compile", "torchscript", "onnx-int8", "executorch"),
 }
 #: Arithmetic precision of the implementations that do not run in fp32 (their floor is that precision's).
-PRECISIONS = {"onnx-int8": "int8", "openvino-int8": "int8", "openvino-bf16": "bf16"}
+PRECISIONS = {"onnx-int8": "int8", "openvino-int8": "int8", "openvino-int8-bf16": "int8"} | {
+    i: "bf16" for i in ("openvino-bf16", "timm-openvino-bf16", "hf-openvino-bf16")
+}
+#: Implementations that run layers in bf16: measured only where the CPU has native bf16.
+_NEED_BF16 = ("timm-openvino-bf16", "hf-openvino-bf16", "openvino-bf16", "openvino-int8-bf16")
 #: The peer every speed-up is relative to, per task (for segmentation: the same architecture in transformers;
 #: for detection: torchvision's SSDLite network forward, no post-processing).
 BASELINES = {"classification": "timm", "segmentation": "hf", "detection": "tv-ssdlite"}
@@ -683,9 +694,17 @@ OPENVINO_ROUTES = ("convert_model(model)", "from ONNX")
 
 
 def _peer_openvino(
-    module: nn.Module, onnx: Path, batch: int, size: int, threads: int, notes: list[str], label: str
+    module: nn.Module,
+    onnx: Path,
+    batch: int,
+    size: int,
+    threads: int,
+    notes: list[str],
+    label: str,
+    precision: str = "fp32",
 ) -> Callable[[torch.Tensor], Any]:
-    """A peer in OpenVINO by the faster of :data:`OPENVINO_ROUTES` at this batch (a note gives both times).
+    """A peer in OpenVINO by the faster of :data:`OPENVINO_ROUTES` at this batch (a note gives both times), at the
+    inference ``precision`` ("fp32" or "bf16": OpenVINO's own default on CPUs with AMX).
 
     ``openvino.convert_model(module, example_input=x)`` is converted once and saved next to ``onnx``.
     """
@@ -699,10 +718,10 @@ def _peer_openvino(
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 ov.save_model(ov.convert_model(module, example_input=x), str(xml), compress_to_fp16=False)
-        routes[OPENVINO_ROUTES[0]] = _openvino_request(xml, threads)
+        routes[OPENVINO_ROUTES[0]] = _openvino_request(xml, threads, precision)
     except Exception as exc:
         notes.append(f"{label}: openvino.convert_model of the PyTorch model failed ({_reason(exc)})")
-    routes[OPENVINO_ROUTES[1]] = _openvino_request(onnx, threads)
+    routes[OPENVINO_ROUTES[1]] = _openvino_request(onnx, threads, precision)
     if len(routes) == 1:
         return routes[OPENVINO_ROUTES[1]]
     ms = _quick_ms(routes, x)
@@ -762,7 +781,7 @@ def _peer_path(
         onnx = _peer_onnx(module, workdir / f"{name}_{base}_{size}.onnx", size, notes, label)
     if path == "onnx":
         return _onnx_session(onnx, threads)
-    return _peer_openvino(module, onnx, batch, size, threads, notes, label)
+    return _peer_openvino(module, onnx, batch, size, threads, notes, label, precision_of(impl))
 
 
 def _our_openvino(impl: str, stem: str, size: int, threads: int, workdir: Path, exported: Callable[..., Path]) -> Any:
@@ -772,6 +791,7 @@ def _our_openvino(impl: str, stem: str, size: int, threads: int, workdir: Path, 
     int8: the fp32 file quantized by :func:`~.openvino.quantize_ir` with the export's own NNCF settings, on
     :func:`_int8_calibration` images; ``export_model(..., precision="int8")`` would refuse the result, since the
     accuracy check it makes cannot pass with random weights and images (only the speed is measured here).
+    ``openvino-int8-bf16`` runs that int8 file with the bf16 hint (its float layers in bf16).
     """
     from .runtime import load_exported
 
@@ -789,7 +809,7 @@ def _our_openvino(impl: str, stem: str, size: int, threads: int, workdir: Path, 
             int8 = quantize_ir(fp32, _int8_calibration(size), DEFAULT_QUANTIZATION)
             int8.set_rt_info("int8", ["mobilevit", "precision"])
             ov.save_model(int8, str(path), compress_to_fp16=False)
-    return load_exported(path, threads=threads, precision="bf16" if precision == "bf16" else "fp32")
+    return load_exported(path, threads=threads, precision="bf16" if impl in _NEED_BF16 else "fp32")
 
 
 def _executorch_method(path: Path) -> Callable[[torch.Tensor], Any]:
@@ -864,10 +884,12 @@ _NEEDS = {
     "timm-compile": ("timm",),
     "timm-onnx": ("timm", "onnxscript", "onnxruntime"),
     "timm-openvino": ("timm", "onnxscript", "openvino"),
+    "timm-openvino-bf16": ("timm", "onnxscript", "openvino"),
     "hf": ("transformers",),
     "hf-compile": ("transformers",),
     "hf-onnx": ("transformers", "onnxscript", "onnxruntime"),
     "hf-openvino": ("transformers", "onnxscript", "openvino"),
+    "hf-openvino-bf16": ("transformers", "onnxscript", "openvino"),
     "tv-deeplabv3": ("torchvision",),
     "tv-lraspp": ("torchvision",),
     "tv-ssdlite-onnx": ("onnxruntime",),
@@ -878,13 +900,14 @@ _NEEDS = {
     "openvino": ("openvino", "onnxscript"),
     "openvino-bf16": ("openvino", "onnxscript"),
     "openvino-int8": ("openvino", "onnxscript", "nncf"),
+    "openvino-int8-bf16": ("openvino", "onnxscript", "nncf"),
     "executorch": ("executorch",),
 }
 
 
 def available_impls(task: str = "classification") -> list[str]:
-    """The implementations for ``task`` whose packages are installed here (``openvino-bf16`` whatever the CPU:
-    :func:`run_bench` leaves it out where the CPU has no native bf16)."""
+    """The implementations for ``task`` whose packages are installed here (the bf16 rows whatever the CPU:
+    :func:`run_bench` leaves them out where the CPU has no native bf16)."""
     impls = [i for i in IMPLS if i not in _NOT_FOR.get(task, ())]
     return [i for i in impls if all(_installed(p) for p in _NEEDS.get(i, ()))]
 
@@ -907,7 +930,7 @@ def run_bench(
     ``impls`` (default: all available) that apply to its task. ``patch_sizes`` (default: each model's own) lists
     the MobileViT patch sizes our implementations are measured at, e.g. ``[(2, 2, 2), (8, 4, 2)]``; the
     peers are measured once, at the model's default patch sizes, in the same timing blocks. ``openvino-bf16``
-    is left out, with a note, where the CPU has no native bf16. With ``keep_going``, an implementation that fails
+    and ``openvino-int8-bf16`` are left out, with a note, where the CPU has no native bf16. With ``keep_going``, an implementation that fails
     to build or to run its first call is left out with a note (a long run goes on); otherwise the error is raised.
     """
     requested = list(impls) if impls else None
@@ -926,9 +949,12 @@ def run_bench(
         for name in models:
             task = model_task(name)
             mine = [i for i in (requested or available_impls(task)) if i not in _NOT_FOR[task]]
-            if not bf16 and "openvino-bf16" in mine:
-                mine.remove("openvino-bf16")
-                note = "openvino-bf16 skipped: this CPU has neither avx512_bf16 nor amx_bf16 (no native bf16)"
+            skipped = [i for i in _NEED_BF16 if i in mine] if not bf16 else []
+            if skipped:
+                mine = [i for i in mine if i not in skipped]
+                note = (
+                    f"{' and '.join(skipped)} skipped: this CPU has neither avx512_bf16 nor amx_bf16 (no native bf16)"
+                )
                 notes += [note] if note not in notes else []
             default = build_model(name)
             ours = {p: build_model(name, p) if p else default for p in configs}
