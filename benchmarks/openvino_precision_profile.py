@@ -4,7 +4,8 @@ For one model at one batch (random weights, 256x256 by default), our IR (``expor
 compiled in four ways: fp32 at the ``f32`` inference precision, fp32 at ``bf16``, and int8 (NNCF, the export's
 default settings: convolutions in int8) at ``f32`` and at ``bf16`` (its float layers in bf16; the
 ``openvino-int8-bf16`` row of ``mobilevit bench``); ``--all-int8`` adds int8 with the transformers' matmuls
-quantized too. Each variant's wall time is the median of interleaved calls without profiling; then each is
+quantized too. Each variant's wall time is measured without profiling, interleaved (``speed`` of
+``openvino_int8_fashion_mnist.py``: median over rounds of the best of a few calls); then each is
 profiled (``PERF_COUNT``) and the time of its executed nodes is summed per (layer type, kernel), printed as shares
 of the profiled total (profiling adds a per-node cost, so the shares, not the profiled milliseconds, are what to
 read). The kernel names say which instructions ran (``amx``: AMX tiles; ``I8``/``bf16``/``f32``: the precision).
@@ -17,35 +18,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from openvino_int8_fashion_mnist import speed  # the same interleaved timing as the int8 search
 
 import mobilevit as mv
 from mobilevit.deployment.bench import describe_cpu, has_native_bf16, openvino_config
 from mobilevit.deployment.export import export_model
 from mobilevit.deployment.openvino import DEFAULT_QUANTIZATION, QuantizationSettings, quantize_ir
 from mobilevit.deployment.runtime import openvino_core
-
-
-def wall_ms(requests: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median over interleaved rounds (order reversed every other round) of the best of a few calls."""
-    for r in requests.values():
-        r.infer([x])
-    times: dict[str, list[float]] = {k: [] for k in requests}
-    for i in range(rounds):
-        for k in list(requests)[:: 1 if i % 2 == 0 else -1]:
-            best = float("inf")
-            for _ in range(3):
-                t = time.perf_counter()
-                requests[k].infer([x])
-                best = min(best, time.perf_counter() - t)
-            times[k].append(best)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def profile(compiled, x: np.ndarray, calls: int) -> collections.Counter:
@@ -92,7 +76,7 @@ def main() -> None:
     variants = {f"{k} @{h}": (ir, h) for k, ir in irs.items() for h in hints}
     x = np.random.default_rng(0).random((args.batch, 3, args.size, args.size), dtype=np.float32)
     compiled = {k: core.compile_model(ir, "CPU", openvino_config(args.threads, h)) for k, (ir, h) in variants.items()}
-    ms = wall_ms({k: c.create_infer_request() for k, c in compiled.items()}, x, args.rounds)
+    ms = speed(compiled, torch.from_numpy(x), args.batch, args.rounds)
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads; {describe_cpu()}")
     print("\n| variant | wall ms | vs fp32 @fp32 |\n|---|---|---|")
     for k, t in ms.items():

@@ -929,9 +929,10 @@ def run_bench(
     ``models`` may mix classifiers, segmentation models and detectors; each gets the implementations of
     ``impls`` (default: all available) that apply to its task. ``patch_sizes`` (default: each model's own) lists
     the MobileViT patch sizes our implementations are measured at, e.g. ``[(2, 2, 2), (8, 4, 2)]``; the
-    peers are measured once, at the model's default patch sizes, in the same timing blocks. ``openvino-bf16``
-    and ``openvino-int8-bf16`` are left out, with a note, where the CPU has no native bf16. With ``keep_going``, an implementation that fails
-    to build or to run its first call is left out with a note (a long run goes on); otherwise the error is raised.
+    peers are measured once, at the model's default patch sizes, in the same timing blocks. The bf16 rows (ours
+    and the peers', :data:`_NEED_BF16`) are left out, with a note, where the CPU has no native bf16. With
+    ``keep_going``, an implementation that fails to build or to run its first call is left out with a note (a long
+    run goes on); otherwise the error is raised.
     """
     requested = list(impls) if impls else None
     unknown = sorted(set(requested or []) - set(IMPLS))
