@@ -26,6 +26,7 @@ from mobilevit.training.recipe import TrainConfig, list_recipes, load_recipe, pa
 from mobilevit.training.trainer import Trainer, TrainingDiverged, eval_batches, read_train_state, train
 
 RECIPE = "mobilevit_xxs_fashion_mnist"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(data: Path, out: Path, **extra: object) -> dict[str, object]:
@@ -61,7 +62,8 @@ def test_bundled_recipes_follow_the_paper():
         assert (cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.warmup_init_lr) == (0.002, 0.0002, 3000, 0.0002)
         assert (cfg.weight_decay, cfg.betas, cfg.label_smoothing, cfg.ema_momentum) == (0.01, (0.9, 0.999), 0.1, 0.0005)
         assert (cfg.base_size, cfg.base_batch, cfg.min_size, cfg.max_size) == (256, 128, 160, 320)
-    for name in (RECIPE, f"{RECIPE}_full"):  # epochs are selected on held-out training images, never on test
+    # epochs are selected on held-out training images, never on test
+    for name in (RECIPE, f"{RECIPE}_full", "mobilevit_xs_fashion_mnist_long"):
         cfg = load_recipe(name)
         assert cfg.data == "fashion-mnist" and cfg.val_fraction > 0
 
@@ -312,11 +314,28 @@ def test_resume_after_kill_matches_an_uninterrupted_run(mnist: Path, tmp_path: P
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "mobilevit").exists(), reason="needs the README's .venv")
+def test_quickstart_rerun_resumes_with_overrides(mnist: Path, tmp_path: Path):
+    """Running the README's main job again after an interruption resumes it, extra overrides included."""
+    overrides = cli_args({k: v for k, v in tiny(mnist, tmp_path).items() if k not in ("data", "output")})
+    env = os.environ | {"FASHION_MNIST_DIR": str(mnist), "OUTPUT": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
+    script = ["bash", str(ROOT / "scripts" / "quickstart.sh"), *overrides]
+    first = subprocess.run([*script, "max_steps=2"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stderr and "top-1" in again.stdout
+    assert [row["epoch"] for row in read_rows(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
+
+
 def test_resume_refuses_other_options(mnist: Path, tmp_path: Path):
     out = tmp_path / "run"
     train(load_recipe(RECIPE, tiny(mnist, out, epochs=1, max_steps=2)))
     with pytest.raises(ValueError, match=r"differ from it: \['lr'\]"):
         Trainer(load_recipe(RECIPE, tiny(mnist, out, epochs=1, lr=0.1)), resume=True)
+    moved = out.rename(tmp_path / "moved")  # a run directory moved elsewhere resumes there
+    assert Trainer(load_recipe(RECIPE, tiny(mnist, moved, epochs=1)), resume=True).cfg.output == str(moved)
+    out = moved
     with pytest.raises(ValueError, match="not a mobilevit training state"):
         torch.save({"a": torch.zeros(1)}, out / "last.pt")
         Trainer(load_recipe(RECIPE, tiny(mnist, out, epochs=1)), resume=True)

@@ -41,9 +41,10 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "mobilevit-train-state"
 STEP_FIELDS = ["step", "epoch", "size", "batch", "lr", "loss"]
-# options that may differ between a run and its resumption (they change the numbers by float rounding at most)
+# options that may differ between a run and its resumption (they change the numbers by float rounding at most;
+# output: a run directory may be moved, e.g. to another machine)
 RESUME_MAY_CHANGE = {"workers", "device", "data_on_device", "progress", "tensorboard", "max_steps", "log_every",
-                     "checkpoint_every_steps"}  # fmt: skip
+                     "checkpoint_every_steps", "output"}  # fmt: skip
 
 
 class TrainingDiverged(RuntimeError):
