@@ -14,13 +14,22 @@ tcmalloc=/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4  # 1.2x faster training step
 out=${OUTPUT:-runs/fashion_mnist_long}
 resume=()
 [ -f "$out/last.pt" ] && resume=(--resume)
-.venv/bin/mobilevit train --config mobilevit_xs_fashion_mnist_long "${resume[@]}" data="$data" output="$out" "$@"
+# data= only when FASHION_MNIST_DIR is set: the recipe's data=fashion-mnist finds the Debian package itself, and a
+# run resumes only with the data option it started with
+data_arg=(); [ -n "${FASHION_MNIST_DIR:-}" ] && data_arg=(data="$data")
+.venv/bin/mobilevit train --config mobilevit_xs_fashion_mnist_long "${resume[@]}" "${data_arg[@]}" output="$out" "$@"
 
+# the images this run held out (its val_fraction and seed)
+read -r fraction seed < <(.venv/bin/python -c '
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+print(config["val_fraction"], config["seed"])
+' "$out/config.yaml")
 : >"$out/holdout.jsonl.tmp"
 for size in 64 72 80; do
   for flip in "" --hflip; do
     .venv/bin/mobilevit eval --weights "$out/best.safetensors" --data "$data" --split holdout --size $size $flip \
-      --json >>"$out/holdout.jsonl.tmp"
+      --val-fraction "$fraction" --seed "$seed" --json >>"$out/holdout.jsonl.tmp"
   done
 done
 mv "$out/holdout.jsonl.tmp" "$out/holdout.jsonl"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 import os
 import signal
@@ -326,6 +327,24 @@ def test_quickstart_rerun_resumes_with_overrides(mnist: Path, tmp_path: Path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stderr and "top-1" in again.stdout
     assert [row["epoch"] for row in read_rows(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "mobilevit").exists(), reason="needs the README's .venv")
+def test_long_fashion_mnist_script_chooses_on_holdout(mnist: Path, tmp_path: Path):
+    """scripts/fashion_mnist_long.sh: trains, evaluates six test-time settings on the run's held-out images, picks
+    the best, and evaluates the test set once with it."""
+    overrides = cli_args({k: v for k, v in tiny(mnist, tmp_path).items() if k not in ("data", "output")})
+    env = os.environ | {"FASHION_MNIST_DIR": str(mnist), "OUTPUT": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
+    script = ["bash", str(ROOT / "scripts" / "fashion_mnist_long.sh"), *overrides, "epochs=1"]
+    proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "holdout.jsonl").read_text().splitlines()]
+    assert [(r["size"], r["hflip"]) for r in rows] == [(s, f) for s in (64, 72, 80) for f in (False, True)]
+    assert {(r["split"], r["count"]) for r in rows} == {("holdout", 12)}  # the run's val_fraction=0.25 of 48
+    test = json.loads((tmp_path / "run" / "test.json").read_text())
+    best = max(rows, key=lambda r: (r["top1"], -r["size"], not r["hflip"]))
+    assert (test["split"], test["count"], test["size"], test["hflip"]) == ("test", 20, best["size"], best["hflip"])
+    assert (tmp_path / "run" / "confusion.png").exists()
 
 
 def test_resume_refuses_other_options(mnist: Path, tmp_path: Path):
