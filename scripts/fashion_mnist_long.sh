@@ -14,10 +14,7 @@ tcmalloc=/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4  # 1.2x faster training step
 out=${OUTPUT:-runs/fashion_mnist_long}
 resume=()
 [ -f "$out/last.pt" ] && resume=(--resume)
-# data= only when FASHION_MNIST_DIR is set: the recipe's data=fashion-mnist finds the Debian package itself, and a
-# run resumes only with the data option it started with
-data_arg=(); [ -n "${FASHION_MNIST_DIR:-}" ] && data_arg=(data="$data")
-.venv/bin/mobilevit train --config mobilevit_xs_fashion_mnist_long "${resume[@]}" "${data_arg[@]}" output="$out" "$@"
+.venv/bin/mobilevit train --config mobilevit_xs_fashion_mnist_long "${resume[@]}" data="$data" output="$out" "$@"
 
 # the images this run held out (its val_fraction and seed)
 read -r fraction seed < <(.venv/bin/python -c '

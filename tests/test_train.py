@@ -19,6 +19,7 @@ import torch
 from conftest import save_image, write_mnist
 from mobilevit import create_model, model_transform, read_checkpoint, save_checkpoint
 from mobilevit.cli import main
+from mobilevit.data import datasets
 from mobilevit.data.datasets import FASHION_MNIST_CLASSES, build_dataset, collate
 from mobilevit.data.transforms import EvalTransform
 from mobilevit.training.evaluate import evaluate
@@ -315,12 +316,20 @@ def test_resume_after_kill_matches_an_uninterrupted_run(mnist: Path, tmp_path: P
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "mobilevit").exists(), reason="needs the README's .venv")
-def test_quickstart_rerun_resumes_with_overrides(mnist: Path, tmp_path: Path):
-    """Running the README's main job again after an interruption resumes it, extra overrides included."""
+needs_venv = pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "mobilevit").exists(), reason="needs the README's .venv")
+
+
+def script_command(name: str, mnist: Path, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """scripts/NAME with the tiny overrides, and its environment: data from ``mnist``, output in tmp_path/run."""
     overrides = cli_args({k: v for k, v in tiny(mnist, tmp_path).items() if k not in ("data", "output")})
     env = os.environ | {"FASHION_MNIST_DIR": str(mnist), "OUTPUT": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
-    script = ["bash", str(ROOT / "scripts" / "quickstart.sh"), *overrides]
+    return ["bash", str(ROOT / "scripts" / name), *overrides], env
+
+
+@needs_venv
+def test_quickstart_rerun_resumes_with_overrides(mnist: Path, tmp_path: Path):
+    """Running the README's main job again after an interruption resumes it, extra overrides included."""
+    script, env = script_command("quickstart.sh", mnist, tmp_path)
     first = subprocess.run([*script, "max_steps=2"], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
@@ -329,13 +338,12 @@ def test_quickstart_rerun_resumes_with_overrides(mnist: Path, tmp_path: Path):
     assert [row["epoch"] for row in read_rows(tmp_path / "run" / "metrics.csv")] == ["1", "2"]
 
 
-@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "mobilevit").exists(), reason="needs the README's .venv")
+@needs_venv
 def test_long_fashion_mnist_script_chooses_on_holdout(mnist: Path, tmp_path: Path):
     """scripts/fashion_mnist_long.sh: trains, evaluates six test-time settings on the run's held-out images, picks
     the best, and evaluates the test set once with it."""
-    overrides = cli_args({k: v for k, v in tiny(mnist, tmp_path).items() if k not in ("data", "output")})
-    env = os.environ | {"FASHION_MNIST_DIR": str(mnist), "OUTPUT": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
-    script = ["bash", str(ROOT / "scripts" / "fashion_mnist_long.sh"), *overrides, "epochs=1"]
+    script, env = script_command("fashion_mnist_long.sh", mnist, tmp_path)
+    script.append("epochs=1")
     proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "holdout.jsonl").read_text().splitlines()]
@@ -347,11 +355,18 @@ def test_long_fashion_mnist_script_chooses_on_holdout(mnist: Path, tmp_path: Pat
     assert (tmp_path / "run" / "confusion.png").exists()
 
 
-def test_resume_refuses_other_options(mnist: Path, tmp_path: Path):
+def test_resume_refuses_other_options(mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     out = tmp_path / "run"
     train(load_recipe(RECIPE, tiny(mnist, out, epochs=1, max_steps=2)))
     with pytest.raises(ValueError, match=r"differ from it: \['lr'\]"):
         Trainer(load_recipe(RECIPE, tiny(mnist, out, epochs=1, lr=0.1)), resume=True)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", mnist)  # the same data named otherwise resumes
+    for same in ("fashion-mnist", os.path.relpath(mnist)):
+        assert Trainer(load_recipe(RECIPE, tiny(same, out, epochs=1)), resume=True).cfg.data == str(mnist)
+    other = tmp_path / "other"
+    write_mnist(other, n_train=48, n_test=20)
+    with pytest.raises(ValueError, match=r"differ from it: \['data'\]"):
+        Trainer(load_recipe(RECIPE, tiny(other, out, epochs=1)), resume=True)
     moved = out.rename(tmp_path / "moved")  # a run directory moved elsewhere resumes there
     assert Trainer(load_recipe(RECIPE, tiny(mnist, moved, epochs=1)), resume=True).cfg.output == str(moved)
     out = moved

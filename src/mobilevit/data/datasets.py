@@ -448,6 +448,13 @@ def _find_images(directory: Path) -> list[Path]:
     return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
+def data_location(name_or_path: str | Path) -> Path:
+    """The directory that a ``data`` option names: ``"fashion-mnist"`` is the Debian package's, a path is itself."""
+    if str(name_or_path).lower() in FASHION_MNIST_NAMES:
+        return FASHION_MNIST_DIR
+    return Path(name_or_path).expanduser().resolve()
+
+
 def build_dataset(
     name_or_path: str | Path, split: str, transform: Transform | None = None
 ) -> FashionMNIST | ImageFolder:
@@ -457,7 +464,7 @@ def build_dataset(
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     mnist_split = "train" if split == "train" else "test"
     if str(name_or_path).lower() in FASHION_MNIST_NAMES:
-        return FashionMNIST(FASHION_MNIST_DIR, mnist_split, transform)
+        return FashionMNIST(data_location(name_or_path), mnist_split, transform)
     root = Path(name_or_path).expanduser()
     if not root.is_dir():
         raise DataError(f"{name_or_path}: not a directory, nor a known dataset ({', '.join(FASHION_MNIST_NAMES)})")

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..checkpoints.io import atomic_path, save_checkpoint, save_peer
+from ..data.datasets import data_location
 from ..data.device import DeviceBatches, cache_batches
 from ..data.sampler import MultiScaleBatchSampler, mix_seed, multiscale_sizes
 from ..factory import create_model
@@ -136,6 +137,9 @@ class Trainer:
     def _resumed_config(self, cfg: TrainConfig, state: dict[str, Any]) -> TrainConfig:
         saved = TrainConfig(**state["config"])
         changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE and saved.to_dict()[k] != v)
+        # the same dataset named otherwise ("fashion-mnist" or its directory, a relative path) is no change
+        if "data" in changed and data_location(cfg.data) == data_location(saved.data):
+            changed.remove("data")
         if changed:
             raise ValueError(
                 f"--resume continues the run in {self.out} exactly, but these options differ from it: {changed}; "
