@@ -323,6 +323,7 @@ def script_command(name: str, mnist: Path, tmp_path: Path) -> tuple[list[str], d
     """scripts/NAME with the tiny overrides, and its environment: data from ``mnist``, output in tmp_path/run."""
     overrides = cli_args({k: v for k, v in tiny(mnist, tmp_path).items() if k not in ("data", "output")})
     env = os.environ | {"FASHION_MNIST_DIR": str(mnist), "OUTPUT": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
+    env["MOBILEVIT_TCMALLOC"] = "0"  # the scripts would otherwise install it with apt
     return ["bash", str(ROOT / "scripts" / name), *overrides], env
 
 
