@@ -11,11 +11,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mobilevit.data.datasets import FASHION_MNIST_DIR
+
 VARIANT_HF = {  # Hugging Face config fields of the three variants
     "mobilevit_xxs": dict(hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320], expand_ratio=2.0),
     "mobilevit_xs": dict(hidden_sizes=[96, 120, 144], neck_hidden_sizes=[16, 32, 48, 64, 80, 96, 384]),
     "mobilevit_s": dict(hidden_sizes=[144, 192, 240], neck_hidden_sizes=[16, 32, 64, 96, 128, 160, 640]),
 }
+
+#: tests that read the real Fashion-MNIST (the Debian package) and are skipped without it
+needs_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(), reason="needs the Debian package dataset-fashion-mnist"
+)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import idx_bytes, save_image, write_mnist
+from conftest import idx_bytes, needs_fashion_mnist, save_image, write_mnist
 from mobilevit.data.datasets import (
     FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
     DataError,
     FashionMNIST,
     ImageFolder,
@@ -122,7 +121,7 @@ def test_fashion_mnist_errors(tmp_path: Path):
         FashionMNIST(tmp_path, "val")
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+@needs_fashion_mnist
 def test_real_fashion_mnist_test_split():
     ds = build_dataset("fashion-mnist", "val", EvalTransform(32, 32))
     assert isinstance(ds, FashionMNIST) and ds.split == "test" and len(ds) == 10_000

@@ -2,19 +2,15 @@
 
 from pathlib import Path
 
-import pytest
 import torch
 
 import mobilevit
-from mobilevit.data.datasets import build_dataset, collate, data_location
+from conftest import needs_fashion_mnist
+from mobilevit.data.datasets import build_dataset, collate
 from mobilevit.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "examples" / "weights" / "fashion_mnist_xs_22ep.safetensors"
-needs_fashion_mnist = pytest.mark.skipif(
-    not any(data_location("fashion-mnist").glob("t10k-labels-idx1-ubyte*")),
-    reason="needs the Debian package dataset-fashion-mnist",
-)
 
 
 def test_fashion_mnist_weights_describe_themselves():

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import idx_bytes
+from conftest import idx_bytes, needs_fashion_mnist
 from mobilevit.data import scenes
-from mobilevit.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError
+from mobilevit.data.datasets import FASHION_MNIST_CLASSES, DataError
 from mobilevit.data.scenes import SCENE_CLASSES, generate_scenes
 from mobilevit.data.segmentation import SegTrainTransform, VOCSegmentation, build_segmentation_dataset
 
@@ -233,9 +233,7 @@ def test_bad_arguments(tmp_path: Path, mnist: Path):
             make(tmp_path / "o", mnist, **kw)
 
 
-@pytest.mark.skipif(
-    not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason="Fashion-MNIST not installed"
-)
+@needs_fashion_mnist
 def test_real_fashion_mnist(tmp_path: Path):
     summary = generate_scenes(tmp_path / "o", num_train=8, num_val=4, num_test=4, progress=False)
     assert summary["splits"]["val"]["items_from"] == "fashion-mnist train[54000:60000]"
