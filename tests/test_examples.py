@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import mobilevit
@@ -10,25 +11,35 @@ from mobilevit.data.datasets import build_dataset, collate
 from mobilevit.training.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "examples" / "weights" / "fashion_mnist_xs_22ep.safetensors"
+WEIGHTS = ROOT / "examples" / "weights"
+# each committed file and the least top-1 it must give on the first 1,000 test images (64 px with mirroring), a few
+# points under its whole-test-set number in the README (stage 1: 94.30%, here 95.7%; stage 2: 94.61%, here 95.2%)
+MINIMUM = {"fashion_mnist_xs_22ep.safetensors": 91.0, "fashion_mnist_xs_50ep.safetensors": 92.0}
 
 
-def test_fashion_mnist_weights_describe_themselves():
-    assert mobilevit.load_checkpoint(str(WEIGHTS)).arch == "mobilevit_xs"
-    model = mobilevit.create_model("mobilevit_xs", weights=str(WEIGHTS))
+def test_every_committed_weights_file_is_tested():
+    assert sorted(path.name for path in WEIGHTS.glob("*.safetensors")) == sorted(MINIMUM)
+
+
+@pytest.mark.parametrize("name", sorted(MINIMUM))
+def test_fashion_mnist_weights_describe_themselves(name):
+    weights = str(WEIGHTS / name)
+    assert mobilevit.load_checkpoint(weights).arch == "mobilevit_xs"
+    model = mobilevit.create_model("mobilevit_xs", weights=weights)
     assert mobilevit.model_categories(model)[:2] == ["T-shirt/top", "Trouser"] and model.num_classes == 10
 
 
 @needs_fashion_mnist
-def test_fashion_mnist_weights_reach_their_accuracy():
-    """94.30% on the whole test set (README, 64 px with mirroring): on its first 1,000 images >= 91% and far above
-    what the same weights give with the input's contrast inverted (a preprocessing mistake)."""
-    model = mobilevit.create_model("mobilevit_xs", weights=str(WEIGHTS)).eval()
+@pytest.mark.parametrize("name", sorted(MINIMUM))
+def test_fashion_mnist_weights_reach_their_accuracy(name):
+    """The reported test top-1 (README, 64 px with mirroring) holds on the first 1,000 test images within a margin,
+    far above what the same weights give with the input's contrast inverted (a preprocessing mistake)."""
+    model = mobilevit.create_model("mobilevit_xs", weights=str(WEIGHTS / name)).eval()
     transform = mobilevit.model_transform(model)
     assert transform.crop_size == 64
     dataset = build_dataset("fashion-mnist", "test", transform).subset(range(1000))
     batches = [collate([dataset[i] for i in range(start, start + 250)]) for start in range(0, 1000, 250)]
     result = evaluate(model, batches, torch.device("cpu"), hflip=True)
-    assert result.top1 >= 91.0
+    assert result.top1 >= MINIMUM[name]
     inverted = evaluate(model, [(1.0 - images, labels, n) for images, labels, n in batches], torch.device("cpu"))
     assert inverted.top1 < 60.0
