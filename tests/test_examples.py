@@ -13,8 +13,13 @@ from mobilevit.training.evaluate import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "examples" / "weights"
 # each committed file and the least top-1 it must give on the first 1,000 test images (64 px with mirroring), a few
-# points under its whole-test-set number in the README (stage 1: 94.30%, here 95.7%; stage 2: 94.61%, here 95.2%)
-MINIMUM = {"fashion_mnist_xs_22ep.safetensors": 91.0, "fashion_mnist_xs_50ep.safetensors": 92.0}
+# points under its whole-test-set number in the README (stage 1: 94.30%, here 95.7%; stage 2: 94.61%, here 95.2%;
+# stage 3: 94.76%)
+MINIMUM = {
+    "fashion_mnist_xs_22ep.safetensors": 91.0,
+    "fashion_mnist_xs_50ep.safetensors": 92.0,
+    "fashion_mnist_xs_65ep.safetensors": 92.0,
+}
 
 
 def test_every_committed_weights_file_is_tested():
