@@ -280,6 +280,27 @@ def test_convert_keeps_categories_and_preprocess(capsys, tmp_path, three_class_c
     assert code == 0 and "not stored in this layout: categories, preprocess" in out
 
 
+def test_convert_half_stores_float16_and_loads_as_float32(capsys, tmp_path):
+    torch.manual_seed(0)
+    original = _perturb(mv.create_model(ARCH, num_classes=5), seed=3)
+    src = mv.save_checkpoint(original.state_dict(), original.config, tmp_path / "ours.safetensors", arch=ARCH)
+    dst = tmp_path / "half.safetensors"
+    code, out, _ = _run(capsys, "convert", src, dst, "--half")
+    assert code == 0 and f"wrote {dst} (mobilevit layout as float16)" in out
+    stored = mv.read_checkpoint(dst).state_dict
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    assert 0.45 < dst.stat().st_size / src.stat().st_size < 0.55
+
+    model = mv.create_model(ARCH, weights=dst).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    x = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        want, got = original.eval()(x), model(x)
+    assert want.std() > 0.1
+    assert 0 < (got - want).abs().max() < 2e-2 * want.abs().max()
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
 def test_convert_layout_in(capsys, tmp_path, three_class_ckpt):
     cvnets = tmp_path / "c.pt"
     assert _run(capsys, "convert", three_class_ckpt, cvnets, "--to", "cvnets")[0] == 0
