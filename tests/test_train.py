@@ -358,6 +358,27 @@ def test_long_fashion_mnist_script_chooses_on_holdout(mnist: Path, tmp_path: Pat
     assert (tmp_path / "run" / "confusion.png").exists()
 
 
+@needs_venv
+def test_long_fashion_mnist_script_final_stage_reuses_a_holdout_choice(mnist: Path, tmp_path: Path):
+    """A final stage on every training image (val_fraction=0) holds out nothing: the script stops with an error
+    naming HOLDOUT_FROM, and with it evaluates the test set once at the best held-out row of that file."""
+    script, env = script_command("fashion_mnist_long.sh", mnist, tmp_path)
+    script += ["epochs=1", "val_fraction=0", "val_split=null"]
+    proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "HOLDOUT_FROM" in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "best.safetensors").exists() and not (tmp_path / "run" / "test.json").exists()
+    rows = [("holdout", 32, False, 80.0), ("holdout", 40, True, 90.0), ("holdout", 48, False, 90.0)]
+    rows.append(("test", 48, True, 99.0))  # a test row is never a choice
+    earlier = tmp_path / "earlier.jsonl"
+    earlier.write_text(
+        "".join(json.dumps(dict(zip(("split", "size", "hflip", "top1"), r, strict=True))) + "\n" for r in rows)
+    )
+    proc = subprocess.run(script, env=env | {"HOLDOUT_FROM": str(earlier)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    test = json.loads((tmp_path / "run" / "test.json").read_text())
+    assert (test["split"], test["count"], test["size"], test["hflip"]) == ("test", 20, 40, True)
+
+
 def test_resume_refuses_other_options(mnist: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     out = tmp_path / "run"
     train(load_recipe(RECIPE, tiny(mnist, out, epochs=1, max_steps=2)))
