@@ -301,6 +301,56 @@ def test_convert_half_stores_float16_and_loads_as_float32(capsys, tmp_path):
     assert torch.equal(got.argmax(1), want.argmax(1))
 
 
+def test_average_writes_the_mean_of_every_float_tensor(capsys, tmp_path):
+    # three fine-tunes of one model: the soup's tensors are their mean (BatchNorm statistics too), its counters the
+    # first's, and averaging one model's weights with themselves changes no logit
+    torch.manual_seed(0)
+    models = [_perturb(mv.create_model(ARCH, num_classes=3), seed=s) for s in (1, 2, 3)]
+    for i, m in enumerate(models):
+        m.stem.bn.num_batches_tracked.fill_(100 * (i + 1))
+    meta = {"categories": CATEGORIES, "preprocess": PREPROCESS}
+    paths = [
+        mv.save_checkpoint(m.state_dict(), m.config, tmp_path / f"m{i}.safetensors", arch=ARCH, meta=meta)
+        for i, m in enumerate(models)
+    ]
+    dst = tmp_path / "soup.safetensors"
+    code, out, _ = _run(capsys, "average", *paths, "-o", dst)
+    assert code == 0 and f"wrote {dst}: the average of 3 {ARCH} checkpoints" in out
+    soup = mv.read_checkpoint(dst)
+    states = [m.state_dict() for m in models]
+    for key, value in soup.state_dict.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sum(s[key] for s in states) / 3, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(value, states[0][key])
+    assert soup.state_dict["stem.bn.num_batches_tracked"] == 100
+    assert soup.state_dict["stem.bn.running_var"].std() > 0  # randomized statistics, so the mean is a real test
+    assert soup.meta["categories"] == CATEGORIES and soup.meta["preprocess"] == PREPROCESS
+
+    same = tmp_path / "same.safetensors"
+    assert _run(capsys, "average", paths[0], paths[0], "-o", same, "--half")[0] == 0
+    assert {v.dtype for v in mv.read_checkpoint(same).state_dict.values() if v.is_floating_point()} == {torch.float16}
+    x = torch.rand(2, 3, 160, 160)
+    want, got = _logits(paths[0], x), _logits(same, x)
+    assert torch.equal(got.argmax(1), want.argmax(1)) and (got - want).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_average_refuses_different_models(capsys, tmp_path, three_class_ckpt):
+    other = mv.create_model("mobilevit_xs", num_classes=3)
+    xs = mv.save_checkpoint(other.state_dict(), other.config, tmp_path / "xs.safetensors", arch="mobilevit_xs")
+    code, _, err = _run(capsys, "average", three_class_ckpt, xs, "-o", tmp_path / "no.safetensors")
+    assert code == 2 and "checkpoint 2 is a different model (mobilevit_xs" in err
+    renamed = mv.read_checkpoint(three_class_ckpt)
+    relabelled = mv.save_checkpoint(
+        renamed.state_dict, renamed.config, tmp_path / "r.safetensors", arch=ARCH, meta={"categories": ["a", "b", "c"]}
+    )
+    code, _, err = _run(capsys, "average", three_class_ckpt, relabelled, "-o", tmp_path / "no.safetensors")
+    assert code == 2 and "checkpoint 2 names other classes" in err
+    code, _, err = _run(capsys, "average", three_class_ckpt, "-o", tmp_path / "no.safetensors")
+    assert code == 2 and "at least 2 checkpoints; got 1" in err
+    assert not (tmp_path / "no.safetensors").exists()
+
+
 def test_convert_layout_in(capsys, tmp_path, three_class_ckpt):
     cvnets = tmp_path / "c.pt"
     assert _run(capsys, "convert", three_class_ckpt, cvnets, "--to", "cvnets")[0] == 0

@@ -1,5 +1,6 @@
 """MobileViT v1 (arXiv 2110.02178): exact classification, segmentation and detection models, weights of every ecosystem, training, inference and export."""
 
+from .checkpoints.average import average_checkpoints
 from .checkpoints.hub import Weights, get_weights, imagenet_categories, list_weights
 from .checkpoints.io import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 from .data.transforms import EvalTransform
@@ -30,6 +31,7 @@ __all__ = [
     "MobileViTSSDLite",
     "SSDLiteConfig",
     "Weights",
+    "average_checkpoints",
     "count_macs",
     "create_model",
     "deploy",

@@ -1,4 +1,4 @@
-"""The ``mobilevit`` command: thin sub-commands over the library (models, predict, convert, eval, train, export, bench, data)."""
+"""The ``mobilevit`` command: thin sub-commands over the library (models, predict, convert, average, eval, train, export, bench, data)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoints.average import average_checkpoints
 from .checkpoints.hub import get_weights, list_weights
-from .checkpoints.io import WRITABLE, CheckpointError, config_task, save_checkpoint
+from .checkpoints.io import WRITABLE, Checkpoint, CheckpointError, config_task, save_checkpoint
 from .checkpoints.layouts import LAYOUTS
 from .data.datasets import IMAGE_SUFFIXES, open_image
 from .deployment.export import ExportError
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         _models_parser,
         _predict_parser,
         _convert_parser,
+        _average_parser,
         _eval_parser,
         _train_parser,
         _export_parser,
@@ -187,6 +189,22 @@ def _convert_parser(sub: Any) -> None:
         "(logits move by about 0.2%% of their range)",
     )
     p.set_defaults(func=cmd_convert)
+
+
+def _average_parser(sub: Any) -> None:
+    """`mobilevit average`."""
+    p = sub.add_parser(
+        "average",
+        help="average the weights of checkpoints of one model (a model soup)",
+        description="Write the uniform average of checkpoints of one architecture with the same classes (any layout "
+        "convert reads) in our format: a model soup, or SWA over saved weights. Meant for runs fine-tuned from one "
+        "start (stages of one training), which lie in one basin; whether the average beats the best of them is for "
+        "held-out images to say. BatchNorm statistics are averaged too, as the training EMA does.",
+    )
+    p.add_argument("src", metavar="SRC", nargs="+", help="two or more checkpoints (files, known names or URLs)")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    p.add_argument("--half", action="store_true", help="store floating-point tensors as float16 (as convert --half)")
+    p.set_defaults(func=cmd_average)
 
 
 def _eval_parser(sub: Any) -> None:
@@ -814,6 +832,33 @@ def _format_prediction(path: Path, preds: list[dict[str, Any]], as_json: bool) -
 # --------------------------------------------------------------------------------------- convert
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    ckpt = average_checkpoints([load_checkpoint(src) for src in args.src])
+    dst = save_checkpoint(
+        _stored_state(ckpt, args.half), ckpt.config, args.output, arch=ckpt.arch, meta=_portable_meta(ckpt)
+    )
+    print(
+        f"wrote {dst}: the average of {len(args.src)} {ckpt.arch or 'non-standard MobileViT'} checkpoints"
+        f"{' as float16' if args.half else ''}"
+    )
+    return EXIT_OK
+
+
+def _portable_meta(ckpt: Checkpoint) -> dict[str, Any]:
+    """The metadata of ``ckpt`` that our format keeps (categories only when they match the classes)."""
+    meta = {k: ckpt.meta[k] for k in _META_KEYS if ckpt.meta.get(k)}
+    if len(meta.get("categories", [])) != ckpt.config.num_classes:
+        meta.pop("categories", None)
+    return meta
+
+
+def _stored_state(ckpt: Checkpoint, half: bool) -> dict[str, Tensor]:
+    """The tensors to write: floating-point ones as float16 if ``half``."""
+    if not half:
+        return ckpt.state_dict
+    return {k: v.half() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.src, layout=args.layout_in)
     c = ckpt.config
@@ -822,13 +867,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"{'' if ckpt.task == 'classification' else f' ({ckpt.task})'}, {c.num_classes} classes, "
         f"{len(ckpt.state_dict)} tensors"
     )
-    meta = {k: ckpt.meta[k] for k in _META_KEYS if ckpt.meta.get(k)}
-    if len(meta.get("categories", [])) != c.num_classes:
-        meta.pop("categories", None)
-    state = ckpt.state_dict
-    if args.half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    dst = save_checkpoint(state, c, args.dst, layout=args.to, arch=ckpt.arch, meta=meta)
+    meta = _portable_meta(ckpt)
+    dst = save_checkpoint(_stored_state(ckpt, args.half), c, args.dst, layout=args.to, arch=ckpt.arch, meta=meta)
     kept = {"mobilevit": set(_META_KEYS), "hf": {"categories"}}.get(args.to, set())
     lost = [k for k in meta if k not in kept]
     half = " as float16" if args.half else ""
